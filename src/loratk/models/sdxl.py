@@ -1,0 +1,130 @@
+"""Load the SDXL parts that training needs: UNet, VAE, both text encoders and tokenizers, noise scheduler.
+
+A model is a hub id, a local diffusers folder, a single `.safetensors` checkpoint, or `builtin:tiny-sdxl`.
+All of them go through diffusers' / transformers' own `from_pretrained` / `from_single_file`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratk.models.tiny import TINY_SDXL_ID, materialise_tiny_sdxl
+
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SDXLModel:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    noise_scheduler: Any  # DDPM-style scheduler: add_noise and alphas_cumprod for training
+    source: str  # the model path as the user gave it (written into export metadata)
+
+    @property
+    def text_encoders(self) -> tuple[Any, Any]:
+        return (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def tokenizers(self) -> tuple[Any, Any]:
+        return (self.tokenizer, self.tokenizer_2)
+
+    def replace(self, **changes: Any) -> SDXLModel:
+        return dataclasses.replace(self, **changes)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn `builtin:tiny-sdxl` into its cache folder; return anything else unchanged."""
+    return str(materialise_tiny_sdxl()) if path == TINY_SDXL_ID else path
+
+
+def _is_single_file(path: str) -> bool:
+    return path.endswith((".safetensors", ".sft"))
+
+
+def load_sdxl(
+    path: str,
+    *,
+    vae: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    single_file_config: str | None = None,
+) -> SDXLModel:
+    """Load all SDXL parts in fp32 on the CPU; `freeze_and_cast` then places them."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    where = resolve_model_path(path)
+    try:
+        if _is_single_file(where):
+            if not Path(where).is_file():
+                raise FileNotFoundError(f"{where}: no such checkpoint file")
+            kwargs = {"config": resolve_model_path(single_file_config)} if single_file_config else {}
+            pipe = StableDiffusionXLPipeline.from_single_file(where, **kwargs)
+            parts = dict(
+                unet=pipe.unet,
+                vae=pipe.vae,
+                text_encoder=pipe.text_encoder,
+                text_encoder_2=pipe.text_encoder_2,
+                tokenizer=pipe.tokenizer,
+                tokenizer_2=pipe.tokenizer_2,
+                noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+            )
+        else:
+            common = dict(revision=revision)
+            weights = dict(common, variant=variant)
+            parts = dict(
+                unet=UNet2DConditionModel.from_pretrained(where, subfolder="unet", **weights),
+                vae=AutoencoderKL.from_pretrained(where, subfolder="vae", **weights),
+                text_encoder=CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **weights),
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    where, subfolder="text_encoder_2", **weights
+                ),
+                tokenizer=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **common),
+                tokenizer_2=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2", **common),
+                noise_scheduler=DDPMScheduler.from_pretrained(where, subfolder="scheduler", **common),
+            )
+        if vae:
+            parts["vae"] = AutoencoderKL.from_pretrained(resolve_model_path(vae), **dict(revision=revision))
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set"
+            if offline
+            else "check the hub id or folder (a diffusers folder has model_index.json and unet/, vae/ ...)"
+        )
+        raise ModelLoadError(
+            f"model.path = {path!r}: could not load the SDXL model: {err}\n  hint: {hint}"
+        ) from err
+    return SDXLModel(**parts, source=path)
+
+
+def freeze_and_cast(model: SDXLModel, device: torch.device, weight_dtype: torch.dtype) -> None:
+    """Freeze every weight and move it to `device` in the mixed-precision dtype.
+
+    The VAE never runs in fp16 (the SDXL VAE overflows to NaN there): it stays fp32 under fp16, bf16 under bf16.
+    """
+    vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
+    for module, dtype in (
+        (model.unet, weight_dtype),
+        (model.text_encoder, weight_dtype),
+        (model.text_encoder_2, weight_dtype),
+        (model.vae, vae_dtype),
+    ):
+        module.requires_grad_(False)
+        module.to(device)
+        if module.dtype != dtype:
+            module.to(dtype=dtype)

@@ -1,0 +1,170 @@
+"""Deterministic tiny random SDXL (and its tokenizers), built offline from configs.
+
+Tests and the quickstart use it through the same `from_pretrained` path as a hub id: the model is saved
+once with `save_pretrained` into a cache folder and loaded back from there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_SDXL_ID = "builtin:tiny-sdxl"
+_TINY_VERSION = "1"  # bump when the tiny configs change, so stale cache folders are rebuilt
+
+# The UNet keeps SDXL's block structure (3 levels, 2 layers per block, cross-attention in the two lower
+# levels) so that SGM key names and diffusers' converters behave exactly as on the real model.
+TINY_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32, 32),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 4),
+    norm_num_groups=8,
+    cross_attention_dim=64,  # = te1 hidden (32) + te2 hidden (32), as 768 + 1280 = 2048 in SDXL
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled te2 (32)
+)
+
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16),  # 4 levels: same 8x downscale as the SDXL VAE
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=128,
+    scaling_factor=0.13025,
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE (GPT-2 / CLIP)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_tiny_tokenizer():
+    """A CLIP tokenizer over single bytes: every text tokenizes, no download needed."""
+    from transformers import CLIPTokenizer
+
+    chars = sorted(set(_bytes_to_unicode().values()))
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _text_config(tokenizer, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """Build a tiny random `StableDiffusionXLPipeline`, identical for a given seed."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer_2 = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, projection_dim=32))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=32))
+    # SDXL base's own scheduler settings.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def save_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny SDXL diffusers folder (model_index.json + subfolders) and return its path."""
+    folder = Path(folder)
+    build_tiny_sdxl_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LORATK_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loratk"
+    )
+    return Path(root)
+
+
+def materialise_tiny_sdxl(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the folder of the tiny SDXL, building it once (atomically) if it is not there yet."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / f"tiny-sdxl-v{_TINY_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=cache_dir))
+    try:
+        save_tiny_sdxl(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished first; its folder is as good as ours.
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,113 @@
+"""The SDXL denoising step shared by every objective: encode a batch, noise it, predict, per-sample loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from loratk.core.objectives import (
+    apply_noise_offset,
+    compute_min_snr_weights,
+    compute_noisy_latents,
+    compute_per_sample_mse,
+    compute_snr,
+    compute_target,
+)
+from loratk.models.conditioning import compute_time_ids, encode_prompts
+
+
+class SDXLDenoiser:
+    """Holds the (prepared) SDXL parts and the loss options; turns batches into per-sample losses."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: torch.device,
+        weight_dtype: torch.dtype,
+        prediction_type: str | None = None,
+        noise_offset: float = 0.0,
+        min_snr_gamma: float | None = None,
+        train_text_encoders: bool = False,
+    ):
+        self.model = model
+        self.device = device
+        self.weight_dtype = weight_dtype
+        scheduler_type = model.noise_scheduler.config.prediction_type
+        self.prediction_type = prediction_type or scheduler_type
+        self.noise_offset = noise_offset
+        self.min_snr_gamma = min_snr_gamma
+        self.train_text_encoders = train_text_encoders
+        self.alphas_cumprod = model.noise_scheduler.alphas_cumprod.to(device)
+        self.num_train_timesteps = model.noise_scheduler.config.num_train_timesteps
+
+    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VAE-encode [B, 3, H, W] pixels into scaled latents [B, 4, H/8, W/8] (no grad)."""
+        vae = self.model.vae
+        with torch.no_grad():
+            pixels = pixel_values.to(self.device, dtype=vae.dtype)
+            latents = vae.encode(pixels).latent_dist.sample()
+        return latents * vae.config.scaling_factor
+
+    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
+            return encode_prompts(self.model.text_encoders, self.model.tokenizers, captions, self.device)
+
+    def encode_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Batch of pixels/captions (or already-cached latents/embeddings) -> UNet inputs."""
+        latents = (
+            batch["latents"].to(self.device)
+            if "latents" in batch
+            else self.encode_latents(batch["pixel_values"])
+        )
+        if "prompt_embeds" in batch:
+            embeds, pooled = (
+                batch["prompt_embeds"].to(self.device),
+                batch["pooled_prompt_embeds"].to(self.device),
+            )
+        else:
+            embeds, pooled = self.encode_captions(batch["captions"])
+        time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
+        return {
+            "latents": latents,
+            "prompt_embeds": embeds,
+            "pooled": pooled,
+            "time_ids": time_ids.to(self.device),
+        }
+
+    def per_sample_loss(
+        self,
+        inputs: dict[str, torch.Tensor],
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Noise the latents, predict with the UNet, return the weighted MSE per sample [B].
+
+        Noise and timesteps are drawn at random unless given (a fixed evaluation set passes them).
+        """
+        latents = inputs["latents"].float()
+        batch_size = latents.shape[0]
+        if noise is None:
+            noise = torch.randn_like(latents)
+            if self.noise_offset:
+                offset = torch.randn(batch_size, latents.shape[1], 1, 1, device=latents.device)
+                noise = apply_noise_offset(noise, self.noise_offset, offset)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.num_train_timesteps, (batch_size,), device=latents.device)
+        noisy = compute_noisy_latents(latents, noise, timesteps, self.alphas_cumprod)
+        prediction = self.model.unet(
+            noisy.to(self.weight_dtype),
+            timesteps,
+            inputs["prompt_embeds"].to(self.weight_dtype),
+            added_cond_kwargs={
+                "text_embeds": inputs["pooled"].to(self.weight_dtype),
+                "time_ids": inputs["time_ids"].to(self.weight_dtype),
+            },
+        ).sample
+        target = compute_target(latents, noise, timesteps, self.alphas_cumprod, self.prediction_type)
+        loss = compute_per_sample_mse(prediction, target)
+        if self.min_snr_gamma:
+            snr = compute_snr(timesteps, self.alphas_cumprod)
+            loss = loss * compute_min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)
+        return loss

@@ -1,0 +1,291 @@
+"""The recipe: one TOML file that says what to train, on what, and how.
+
+Validated once, up front: every problem is reported together, each with its TOML path and a suggestion.
+Nothing changes a recipe after loading; derived numbers live in `plan.py`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Method = Literal["lora", "dreambooth", "dreambooth-lora"]
+BUILTIN_TINY = "builtin:tiny-sdxl"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        description="hub id, local diffusers folder, single .safetensors checkpoint, or builtin:tiny-sdxl",
+    )
+    vae: str | None = Field(
+        None, description="optional separate VAE (hub id or folder), e.g. an fp16-fix VAE"
+    )
+    revision: str | None = None
+    variant: str | None = Field(None, description="weight variant to load, e.g. 'fp16'")
+    single_file_config: str | None = Field(
+        None, description="diffusers folder or hub id whose configs describe a single-file checkpoint"
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="training target; default: what the model's scheduler says"
+    )
+
+
+class DataConfig(_Section):
+    dir: str = Field(..., description="folder of training images with sidecar captions")
+    caption_ext: str = ".txt"
+    resolution: int | tuple[int, int] = Field(
+        1024, description="square side, or [width, height] of the training size"
+    )
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    repeats: int = Field(1, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("resolution")
+    @classmethod
+    def _check_resolution(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        sides = (value,) if isinstance(value, int) else value
+        for side in sides:
+            if side < 8 or side % 8:
+                raise ValueError(f"each side must be a multiple of 8 and >= 8, got {side}")
+        return value
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of training images."""
+        return (self.resolution, self.resolution) if isinstance(self.resolution, int) else self.resolution
+
+    @field_validator("caption_ext")
+    @classmethod
+    def _check_ext(cls, value: str) -> str:
+        if not value.startswith("."):
+            raise ValueError(f"must start with '.', got {value!r} (did you mean '.{value}'?)")
+        return value
+
+
+class LoraConfig(_Section):
+    rank: int = Field(128, gt=0, description="higher = more capacity, bigger file, more memory")
+    alpha: float | None = Field(None, gt=0, description="scale = alpha / rank; default: alpha = rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: Literal["all-linear", "attention"] | list[str] = Field(
+        "all-linear", description="'all-linear', 'attention' or a list of UNet module-name suffixes"
+    )
+    train_text_encoders: bool = False
+    text_encoder_lr: float | None = Field(None, gt=0, description="default: train.learning_rate")
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or use 'all-linear' / 'attention'")
+        return value
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size: int = Field(1, gt=0, description="images per device per step")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this norm; unset = no clip")
+    noise_offset: float = Field(0.0, ge=0.0)
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting (5 is common)")
+    gradient_checkpointing: bool = False
+    log_every_n_steps: int = Field(1, gt=0)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+
+
+class OptimConfig(_Section):
+    name: Literal["adafactor", "adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class ExportConfig(_Section):
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    every_n_epochs: int = Field(1, gt=0)
+    diffusers: bool = Field(False, description="also write the PEFT/diffusers layout to <name>_diffusers/")
+
+
+class Recipe(_Section):
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name = folder under output_dir"
+    )
+    method: Method = "lora"
+    output_dir: str = "runs"
+    seed: int = 42
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _check_method(self) -> Recipe:
+        if self.method != "lora":
+            raise ValueError(f"method {self.method!r} is not available yet in this version; use 'lora'")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class RecipeError(ValueError):
+    """Every problem found in a recipe, one line each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the recipe:\n{lines}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a TOML recipe, apply `a.b=value` overrides, validate, and return it."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(str(path), ["file not found; check the path (recipes live in recipes/)"]) from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            str(path), [f"not UTF-8 text (byte {err.start}); save the recipe as UTF-8"]
+        ) from None
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(str(path), [f"invalid TOML: {err}"]) from None
+    problems: list[str] = []
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise RecipeError(str(path), problems)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems: dict[str, str] = {}
+        for e in err.errors():
+            line = _describe(e)
+            # A union field (e.g. `targets`) fails once per member; one line per key is enough.
+            problems.setdefault(line.split(":", 1)[0], line)
+        raise RecipeError(source, list(problems.values())) from None
+
+
+def parse_override_value(text: str) -> Any:
+    """TOML value syntax (`3`, `1e-4`, `true`, `[1, 2]`, `"x"`); anything else is a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` override to a raw recipe dict, in place."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"{item!r}: overrides look like section.key=value, e.g. train.epochs=3")
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"{'.'.join(parents[: i + 1])}: is a value, not a section; cannot set {key}")
+        node = child
+    node[leaf] = parse_override_value(value.strip())
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe with every default filled in, as TOML (what `recipe.resolved.toml` holds)."""
+    import tomli_w
+
+    return tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True))
+
+
+# ---------------------------------------------------------------- error messages
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names the schema allows at `loc` (the location of the offending key's parent)."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(choices)}"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged"))))
+    # pydantic adds union-member names (e.g. 'int', 'tuple[int,int]') to the location; drop them.
+    loc = tuple(
+        p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"int", "float", "str", "list"}))
+    )
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error["type"]
+    ctx = error.get("ctx", {})
+    given = error.get("input")
+    if kind == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        return f"{path}: unknown key ({_suggest(str(loc[-1]), allowed)})"
+    if kind == "missing":
+        return f"{path}: required key is missing; add it to the recipe"
+    if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[
+            kind
+        ]
+        bound = next(iter(ctx.values()))
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        return f"{path}: must be {op} {bound}, got {given!r}"
+    if kind == "literal_error":
+        expected = ctx.get("expected", "")
+        choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",") if c.strip()]
+        hint = _suggest(str(given), choices)
+        return f"{path}: must be one of {expected}, got {given!r} ({hint})"
+    if kind == "string_pattern_mismatch":
+        return (
+            f"{path}: {given!r} is not allowed; use letters, digits, '_', '-' and '.' (no spaces or slashes)"
+        )
+    if kind == "value_error":
+        return f"{path}: {ctx.get('error', error['msg'])}"
+    return f"{path}: {error['msg'].lower()}, got {given!r}"

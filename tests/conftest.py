@@ -1,0 +1,48 @@
+"""Shared fixtures: offline hub, a tiny SDXL saved once per session, example images, a clean Accelerate state."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "quickstart"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _loratk_cache(tmp_path_factory):
+    """Point builtin:tiny-sdxl at a per-session cache so tests never touch the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("loratk-cache")
+    os.environ["LORATK_CACHE"] = str(cache)
+    yield cache
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL diffusers folder, saved with save_pretrained (loaded back via from_pretrained)."""
+    from loratk.models.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture
+def images_dir(tmp_path) -> Path:
+    """A copy of the bundled example images and captions that a test may change."""
+    target = tmp_path / "images"
+    shutil.copytree(EXAMPLES, target)
+    return target
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -1,0 +1,28 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loratk.recipe import Recipe, validate_recipe
+
+
+def make_recipe(tmp_path: Path, model_dir: Path | str, images_dir: Path, **sections: Any) -> Recipe:
+    """A tiny, fast LoRA recipe; `sections` override whole keys, e.g. train={"epochs": 2}."""
+    raw: dict[str, Any] = {
+        "name": "test",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "model": {"path": str(model_dir)},
+        "data": {"dir": str(images_dir), "resolution": 64},
+        "lora": {"rank": 4, "alpha": 4},
+        "train": {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "mixed_precision": "no"},
+        "optim": {"name": "adamw"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return validate_recipe(raw, source="test")

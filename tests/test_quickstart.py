@@ -1,0 +1,61 @@
+"""The README quickstart, run the way a user runs it: `accelerate launch -m loratk.train ...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quickstart_through_accelerate_launch(tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [
+            str(accelerate),
+            "launch",
+            "--num_processes",
+            "1",
+            "--mixed_precision",
+            "no",
+            "-m",
+            "loratk.train",
+            "recipes/quickstart.toml",
+            f"output_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "quickstart"
+    names = {p.name for p in run.iterdir()}
+    assert {"recipe.resolved.toml", "metrics.jsonl", "quickstart.safetensors"} <= names
+    assert {"epoch1.safetensors", "epoch2.safetensors", "epoch3.safetensors"} <= names
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 9 and all("train/loss" in r and "lr/unet" in r for r in lines)
+    assert "loss=" in proc.stderr and "lr=" in proc.stderr  # the tqdm bar shows both
+    with safe_open(str(run / "quickstart.safetensors"), "pt") as f:
+        assert f.metadata()["ss_output_name"] == "quickstart"
+
+
+def test_train_module_reports_data_errors_with_exit_2(tmp_path, capsys):
+    from loratk.train import main
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.png").write_bytes((REPO / "examples/quickstart/boat.png").read_bytes())
+    code = main([str(REPO / "recipes/quickstart.toml"), f"data.dir={images}", f"output_dir={tmp_path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "a.txt: caption file is missing" in err and "Traceback" not in err
