@@ -8,10 +8,12 @@ from typing import Any
 from loratk.recipe import Recipe, validate_recipe
 
 
-def make_recipe(tmp_path: Path, model_dir: Path | str, images_dir: Path, **sections: Any) -> Recipe:
+def make_recipe(
+    tmp_path: Path, model_dir: Path | str, images_dir: Path, name: str = "test", **sections: Any
+) -> Recipe:
     """A tiny, fast LoRA recipe; `sections` override whole keys, e.g. train={"epochs": 2}."""
     raw: dict[str, Any] = {
-        "name": "test",
+        "name": name,
         "output_dir": str(tmp_path / "runs"),
         "seed": 0,
         "model": {"path": str(model_dir)},

@@ -113,6 +113,16 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     log_every_n_steps: int = Field(1, gt=0)
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    resume: str = Field(
+        "auto", description="'auto' = newest complete state in runs/<name>/state/, 'never', or a state folder"
+    )
+    save_state_every_n_steps: int | None = Field(
+        None, gt=0, description="also save a resumable state every N steps (always at each epoch end)"
+    )
+    keep_states: int | None = Field(2, gt=0, description="keep the N newest states; unset = keep all")
+    max_nonfinite_steps: int = Field(
+        5, gt=0, description="stop after N optimizer steps in a row with NaN/inf loss"
+    )
 
 
 class OptimConfig(_Section):
@@ -233,6 +243,47 @@ def dump_recipe(recipe: Recipe) -> str:
     import tomli_w
 
     return tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True))
+
+
+# ---------------------------------------------------------------- comparing recipes
+
+# Keys that may change between a run and its resumption: they do not change the math of steps already taken.
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "train.epochs",
+    "train.max_steps",
+    "train.resume",
+    "train.save_state_every_n_steps",
+    "train.keep_states",
+    "train.max_nonfinite_steps",
+    "train.log_every_n_steps",
+    "train.report_to",
+    "data.num_workers",
+    "export.",
+    "sample.",
+)
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_diff(old_toml: str, new: Recipe, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+    """Lines `key: old -> new` for every setting that differs, except the `ignore`d prefixes."""
+    old = _flatten(tomllib.loads(old_toml))
+    cur = _flatten(tomllib.loads(dump_recipe(new)))
+    lines = []
+    for key in sorted(set(old) | set(cur)):
+        if key.startswith(ignore) or old.get(key) == cur.get(key):
+            continue
+        lines.append(f"{key}: {old.get(key, '(unset)')!r} -> {cur.get(key, '(unset)')!r}")
+    return lines
 
 
 # ---------------------------------------------------------------- error messages

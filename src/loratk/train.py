@@ -6,6 +6,7 @@ Usually started as `accelerate launch -m loratk.train recipes/quickstart.toml`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -23,7 +24,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("recipe", help="path to a TOML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides: section.key=value (TOML values)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="STATE",
+        help="continue from the newest complete state (default), or from the given state folder",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again: delete this run's states, metrics and adapter files",
+    )
     return parser.parse_args(argv)
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def _clear_run_outputs(run_dir: Path, name: str) -> None:
+    import shutil
+
+    for path in [run_dir / "state", run_dir / "samples", *run_dir.glob("epoch*_diffusers")]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in [run_dir / "metrics.jsonl", run_dir / "skipped.csv", run_dir / f"{name}.safetensors"]:
+        path.unlink(missing_ok=True)
+    for path in run_dir.glob("epoch*.safetensors"):
+        path.unlink()
 
 
 # ---------------------------------------------------------------- builders (recipe -> plain arguments)
@@ -111,16 +139,20 @@ def _export_metadata(recipe: Recipe, dataset: Any, plan: Any) -> Any:
 class TrainingRun:
     """One training run with a visible shape: `setup()` -> `train()` -> `cleanup()`."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, stop: Any = None):
         self.recipe = recipe
         self.run_dir = recipe.run_dir
+        self.overwrite = overwrite
+        self.stop = stop
+        self.lock: Any = None
+        self.resume_from: Path | None = None
 
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.logging import get_logger
         from accelerate.utils import set_seed
 
-        from loratk.core.checkpoint import atomic_write_text
+        from loratk.core.checkpoint import RunLock, StateManager, atomic_write_text
         from loratk.core.optim import build_lr_scheduler, build_optimizer
         from loratk.data.dataset import build_dataloader
         from loratk.export.epochs import EpochExporter
@@ -141,9 +173,12 @@ class TrainingRun:
         # Data problems surface before any model is loaded.
         self.dataset = build_dataset(recipe)
         if accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.run_dir)
+            self.lock.acquire()
+            self._prepare_run_dir()
             atomic_write_text(self.run_dir / "recipe.resolved.toml", dump_recipe(recipe))
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+        self.candidates = self._resume_candidates()
 
         self.weight_dtype = DTYPES[recipe.train.mixed_precision]
         self.model = load_sdxl(
@@ -216,12 +251,81 @@ class TrainingRun:
         )
         if recipe.train.report_to:
             accelerator.init_trackers(recipe.name, config={"plan": str(self.plan.as_dict())})
+        self.states = StateManager(
+            accelerator, self.run_dir / "state", dump_recipe(recipe), keep=recipe.train.keep_states
+        )
+        self.state = self._load_resume_state()
 
-    def train(self) -> Any:
+    def _prepare_run_dir(self) -> None:
+        """Refuse a run directory that holds a different recipe, unless resuming it or overwriting."""
+        from loratk.recipe import recipe_diff
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:
+            _clear_run_outputs(self.run_dir, self.recipe.name)
+            return
+        previous = self.run_dir / "recipe.resolved.toml"
+        if previous.is_file():
+            diff = recipe_diff(previous.read_text(), self.recipe)
+            if diff:
+                lines = "\n".join(f"    {d}" for d in diff)
+                raise RunDirError(
+                    f"{self.run_dir} holds a run with a different recipe:\n{lines}\n"
+                    "  Pass --overwrite to start again there, or give this run another `name`."
+                )
+
+    def _resume_candidates(self) -> list[Path]:
+        from loratk.core.checkpoint import StateError, choose_state, read_state
+        from loratk.recipe import recipe_diff
+
+        if self.overwrite:
+            return []
+        usable = []
+        for path in choose_state(self.run_dir / "state", self.recipe.train.resume):
+            try:
+                _, saved_recipe = read_state(path)
+            except StateError as err:
+                self.logger.warning(f"{err}; trying an older state", main_process_only=True)
+                continue
+            diff = recipe_diff(saved_recipe, self.recipe)
+            if diff:
+                lines = "\n".join(f"    {d}" for d in diff)
+                raise RunDirError(
+                    f"cannot resume from {path}: the recipe changed in ways that change the math:\n{lines}\n"
+                    "  Only epochs, max_steps, logging, saving, export and sample settings may change. "
+                    "Pass --overwrite to start again."
+                )
+            usable.append(path)
+        return usable
+
+    def _load_resume_state(self) -> Any:
+        from loratk.core.checkpoint import StateError, TrainState
+
+        for path in self.candidates:
+            try:
+                state = self.states.load(path, self.modules)
+            except StateError as err:
+                self.logger.warning(f"{err}; falling back to an older state", main_process_only=True)
+                continue
+            self.resume_from = path
+            self.logger.info(
+                f"resuming from {path}: step {state.global_step}, epoch {state.epoch}", main_process_only=True
+            )
+            return state
+        return TrainState()
+
+    def train(self, step_hooks: Sequence[Any] = ()) -> Any:
         from loratk.core.loop import MetricsWriter, run_training
 
         main = self.accelerator.is_main_process
-        metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if main else None)
+        if self.state.finished(self.plan.total_steps, self.plan.num_epochs):
+            self.logger.info(
+                f"nothing to train: {self.resume_from} is already at step {self.state.global_step} of "
+                f"{self.plan.total_steps} (raise train.epochs to continue, or pass --overwrite to start again)",
+                main_process_only=True,
+            )
+        resume_step = self.state.global_step if self.resume_from else None
+        metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if main else None, resume_step=resume_step)
         try:
             result = run_training(
                 self.accelerator,
@@ -236,6 +340,12 @@ class TrainingRun:
                 log_every_n_steps=self.recipe.train.log_every_n_steps,
                 metrics=metrics,
                 epoch_hooks=[self.exporter],
+                step_hooks=step_hooks,
+                state=self.state,
+                save_state=self.states.save,
+                save_every_n_steps=self.recipe.train.save_state_every_n_steps,
+                max_nonfinite_steps=self.recipe.train.max_nonfinite_steps,
+                stop=self.stop,
             )
         finally:
             metrics.close()
@@ -245,14 +355,17 @@ class TrainingRun:
         return result
 
     def cleanup(self) -> None:
-        self.accelerator.end_training()
+        if hasattr(self, "accelerator"):
+            self.accelerator.end_training()
+        if self.lock is not None:
+            self.lock.release()
 
 
-def train(recipe: Recipe) -> Path:
-    """Run a recipe from start to end; return the run directory."""
-    run = TrainingRun(recipe)
-    run.setup()
+def train(recipe: Recipe, *, overwrite: bool = False, stop: Any = None) -> Path:
+    """Run a recipe from start (or its newest state) to end; return the run directory."""
+    run = TrainingRun(recipe, overwrite=overwrite, stop=stop)
     try:
+        run.setup()
         run.train()
     finally:
         run.cleanup()
@@ -262,23 +375,40 @@ def train(recipe: Recipe) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "huggingface_hub", "diffusers", "transformers"):
+    for noisy in ("httpx", "huggingface_hub", "diffusers", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"train.resume={json.dumps(args.resume)}")
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, overrides)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from loratk.core.checkpoint import OutputWriteError, StateError
+    from loratk.core.interrupts import StopRequest, TrainingInterrupted
+    from loratk.core.loop import NonFiniteLossError
     from loratk.data.dataset import DataError
     from loratk.models.sdxl import ModelLoadError
 
+    resume_cmd = f"accelerate launch -m loratk.train {args.recipe} {' '.join(args.overrides)}".strip()
     try:
-        train(recipe)
-    except (DataError, ModelLoadError, ImportError) as err:
+        with StopRequest() as stop:
+            train(recipe, overwrite=args.overwrite, stop=stop)
+    except (DataError, ModelLoadError, RunDirError, StateError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"{err.signal_name}: {err}. Resume with:\n  {resume_cmd}", file=sys.stderr)
+        return err.exit_code
+    except (NonFiniteLossError, OutputWriteError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(
+            f"aborted (second Ctrl-C); the newest complete state can be resumed with:\n  {resume_cmd}",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

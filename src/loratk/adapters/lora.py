@@ -148,6 +148,16 @@ class LoraAdapter:
             )
         return written
 
+    @staticmethod
+    def _check_finite(state_dicts: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+        """A non-finite adapter is never exported."""
+        for part, sd in state_dicts.items():
+            bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+            if bad:
+                raise FloatingPointError(
+                    f"{part} LoRA weight {bad[0]} is not finite; refusing to export {path}"
+                )
+
     def _export_diffusers(
         self, model: Any, state_dicts: dict[str, dict[str, torch.Tensor]], folder: Path
     ) -> Path:

@@ -1,9 +1,13 @@
 """THE training loop. It knows nothing about SDXL, LoRA or DreamBooth: it runs an objective's loss through
-Accelerate (accumulate, backward, clip, step), logs, and calls the epoch-end hooks.
+Accelerate (accumulate, backward, clip, step), logs, saves resumable state, and calls the hooks.
+
+Exact resume rests on three things: batch order is a function of (seed, epoch), the batches an interrupted
+epoch already consumed are skipped, and the RNG is reseeded from (seed, micro-step, rank) before every batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -17,19 +21,31 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from loratk.core.checkpoint import TrainState
+from loratk.core.interrupts import StopRequest, TrainingInterrupted
 from loratk.objectives import Objective
 from loratk.plan import TrainPlan
 
 logger = get_logger(__name__)
 
-EpochHook = Callable[[int, int], None]  # (epoch, global_step) -> None, run on the main process
+EpochHook = Callable[[int, int], None]  # (epoch, global_step) -> None, main process only
+StepHook = Callable[
+    [TrainState], None
+]  # after every optimizer step (and after its state was saved), all processes
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
 
 
 @dataclass
 class LoopResult:
-    global_step: int
-    epochs_done: int
+    state: TrainState
     losses: list[float] = field(default_factory=list)
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
 
 
 def compute_step_seed(seed: int, micro_step: int, process_index: int) -> int:
@@ -38,15 +54,32 @@ def compute_step_seed(seed: int, micro_step: int, process_index: int) -> int:
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step; flushed at once so a crash loses nothing already logged."""
+    """Appends one JSON line per logged step, flushed at once. On resume, lines past the resumed step are
+    dropped first, so every step appears exactly once."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, resume_step: int | None = None):
         self.path = path
-        self._fh = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
+        self._fh = None
+        if path is None:
+            return
+        if resume_step is None:
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resume_step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps(record) + "\n")
+            clean = {
+                k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None)
+                for k, v in record.items()
+            }
+            self._fh.write(json.dumps(clean) + "\n")
             self._fh.flush()
 
     def close(self) -> None:
@@ -56,6 +89,23 @@ class MetricsWriter:
 
 def _group_names(optimizer: torch.optim.Optimizer) -> list[str]:
     return [group.get("name", f"group{i}") for i, group in enumerate(optimizer.param_groups)]
+
+
+def _all_finite(accelerator: Any, loss: torch.Tensor) -> bool:
+    """One host sync per optimizer step; all ranks agree, so none steps with another rank's NaN gradients."""
+    flag = torch.isfinite(loss).to(torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum") / accelerator.num_processes
+    return bool(flag.item() == 1.0)
+
+
+def _stop_everywhere(accelerator: Any, stop: StopRequest | None) -> bool:
+    if stop is None:
+        return False
+    if accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def run_training(
@@ -68,74 +118,128 @@ def run_training(
     dataloader: Any,
     plan: TrainPlan,
     seed: int,
+    state: TrainState | None = None,
     max_grad_norm: float | None = None,
     log_every_n_steps: int = 1,
     metrics: MetricsWriter | None = None,
     epoch_hooks: Sequence[EpochHook] = (),
+    step_hooks: Sequence[StepHook] = (),
+    save_state: Callable[[TrainState], Path] | None = None,
+    save_every_n_steps: int | None = None,
+    max_nonfinite_steps: int = 5,
+    stop: StopRequest | None = None,
 ) -> LoopResult:
-    """Train for `plan.total_steps` optimizer steps; return the step count and the logged losses."""
+    """Train from `state` (a fresh start by default) to `plan.total_steps` optimizer steps."""
+    state = state or TrainState()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     names = _group_names(optimizer)
-    result = LoopResult(global_step=0, epochs_done=0)
-    bar = tqdm(total=plan.total_steps, desc="train", unit="step", disable=not accelerator.is_main_process)
-    micro_step = 0
+    result = LoopResult(state=state)
+    main = accelerator.is_main_process
+    bar = tqdm(total=plan.total_steps, initial=state.global_step, desc="train", unit="step", disable=not main)
+    consecutive_nonfinite = 0
     for module in modules:
         module.train()
-    for epoch in range(1, plan.num_epochs + 1):
+
+    def interrupt_if_requested() -> None:
+        if _stop_everywhere(accelerator, stop):
+            where = save_state(state) if save_state else None
+            saved = f"state saved to {where}" if where else "no state saved"
+            raise TrainingInterrupted(
+                stop.signal_name or "SIGTERM", f"stopped at step {state.global_step} ({saved})"
+            )
+
+    while not state.finished(plan.total_steps, plan.num_epochs):
+        epoch = state.epoch
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=accelerator.device)
+        batches = dataloader
+        if state.batches_done:
+            batches = accelerator.skip_first_batches(dataloader, state.batches_done)
+        window_loss = torch.zeros((), device=accelerator.device)
+        step_loss = torch.zeros((), device=accelerator.device)
         images = micro_batches = 0
+        ids: list[str] = []
         window_start = time.perf_counter()
-        for batch in dataloader:
-            set_seed(compute_step_seed(seed, micro_step, accelerator.process_index))
-            micro_step += 1
+        for batch in batches:
+            if state.global_step >= plan.total_steps:
+                break
+            set_seed(compute_step_seed(seed, state.micro_step, accelerator.process_index))
+            state.micro_step += 1
+            state.batches_done += 1
             with accelerator.accumulate(*modules):
                 out = objective.compute_loss(batch)
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += out.loss.detach()
+                step_loss += out.loss.detach()
+                stepped = None
+                if accelerator.sync_gradients:
+                    stepped = _all_finite(accelerator, step_loss)
+                    if stepped:
+                        if max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(params, max_grad_norm)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            window_loss += out.loss.detach()
             images += out.num_images
             micro_batches += 1
-            if not accelerator.sync_gradients:
+            ids.extend(out.sample_ids)
+            if stepped is None:
                 continue
+            step_loss.zero_()
             lr_scheduler.step()
-            result.global_step += 1
+            state.global_step += 1
             bar.update(1)
-            if result.global_step % log_every_n_steps == 0 or result.global_step == plan.total_steps:
-                # The only host sync of the step, and only at log steps.
-                loss = accelerator.gather(loss_sum).mean().item() / micro_batches
+            if stepped:
+                consecutive_nonfinite = 0
+            else:
+                consecutive_nonfinite += 1
+                state.nonfinite_steps += 1
+                logger.warning(
+                    f"step {state.global_step}: non-finite loss, update skipped", main_process_only=True
+                )
+            if state.global_step % log_every_n_steps == 0 or state.global_step == plan.total_steps:
+                loss = accelerator.gather(window_loss).mean().item() / micro_batches  # the sync of a log step
                 elapsed = time.perf_counter() - window_start
-                record = {"step": result.global_step, "epoch": epoch, "train/loss": loss}
+                record = {"step": state.global_step, "epoch": epoch, "train/loss": loss}
                 record.update(
                     {f"lr/{n}": g["lr"] for n, g in zip(names, optimizer.param_groups, strict=True)}
                 )
+                record["train/nonfinite_steps"] = state.nonfinite_steps
                 record["perf/images_per_s"] = images * accelerator.num_processes / elapsed if elapsed else 0.0
                 if torch.cuda.is_available():
                     record["mem/peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                if ids:
+                    record["data/batch_sha1"] = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
                 result.losses.append(loss)
-                if accelerator.is_main_process:
+                if main:
                     if metrics is not None:
                         metrics.write(record)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record[f'lr/{names[0]}']:.2e}")
-                accelerator.log(record, step=result.global_step)
-                if not math.isfinite(loss):
-                    logger.warning(f"step {result.global_step}: loss is {loss}")
-                loss_sum.zero_()
+                accelerator.log(record, step=state.global_step)
+                window_loss.zero_()
                 images = micro_batches = 0
+                ids = []
                 window_start = time.perf_counter()
-            if result.global_step >= plan.total_steps:
+            if consecutive_nonfinite >= max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{consecutive_nonfinite} optimizer steps in a row had a non-finite loss (last at step "
+                    f"{state.global_step}); the last saved state and exported files are untouched. Try "
+                    "mixed_precision = 'bf16' instead of 'fp16', or a lower learning rate."
+                )
+            if save_state and save_every_n_steps and state.global_step % save_every_n_steps == 0:
+                save_state(state)
+            for hook in step_hooks:
+                hook(state)
+            interrupt_if_requested()
+            if state.global_step >= plan.total_steps:
                 break
-        result.epochs_done = epoch
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if main:
             for hook in epoch_hooks:
-                hook(epoch, result.global_step)
+                hook(epoch, state.global_step)
         accelerator.wait_for_everyone()
-        if result.global_step >= plan.total_steps:
-            break
+        state.epoch, state.batches_done = epoch + 1, 0
+        if save_state:
+            save_state(state)
+        interrupt_if_requested()
     bar.close()
     return result

@@ -15,6 +15,7 @@ class LossOutput:
         default_factory=dict
     )  # extra detached scalars (e.g. train/prior_loss)
     num_images: int = 0
+    sample_ids: list[str] = field(default_factory=list)  # what the batch held (for batch-content checks)
 
 
 class Objective(Protocol):

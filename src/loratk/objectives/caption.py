@@ -15,4 +15,6 @@ class CaptionObjective:
     def compute_loss(self, batch: dict[str, Any]) -> LossOutput:
         inputs = self.denoiser.encode_batch(batch)
         loss = self.denoiser.per_sample_loss(inputs).mean()
-        return LossOutput(loss=loss, num_images=inputs["latents"].shape[0])
+        return LossOutput(
+            loss=loss, num_images=inputs["latents"].shape[0], sample_ids=list(batch.get("paths", []))
+        )

@@ -1,0 +1,395 @@
+"""Training that survives kills, full disks and NaNs (subprocesses for kills)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_recipe
+from loratk.core.checkpoint import (
+    MARKER,
+    OutputWriteError,
+    RunLock,
+    StateError,
+    atomic_write_text,
+    list_complete_states,
+    load_safetensors,
+    save_safetensors_atomic,
+)
+from loratk.core.interrupts import StopRequest
+from loratk.core.loop import NonFiniteLossError
+from loratk.recipe import dump_recipe
+from loratk.train import RunDirError, TrainingRun
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs the real TrainingRun; SIGKILLs itself after optimizer step KILL_AT, or inside the state save of step
+# KILL_IN_SAVE after Accelerate wrote its files but before the state is complete.
+DRIVER = textwrap.dedent(
+    """
+    import logging, os, signal, sys
+    from loratk.recipe import load_recipe
+
+    logging.basicConfig(level=logging.INFO)
+    from loratk.train import TrainingRun
+
+    recipe = load_recipe(sys.argv[1])
+    kill_at, kill_in_save = int(os.environ.get("KILL_AT", 0)), int(os.environ.get("KILL_IN_SAVE", 0))
+    run = TrainingRun(recipe)
+    run.setup()
+    if kill_in_save:
+        original = run.accelerator.save_state
+        def save_state(path, **kwargs):
+            original(path, **kwargs)
+            if run.state.global_step == kill_in_save:
+                os.kill(os.getpid(), signal.SIGKILL)
+        run.accelerator.save_state = save_state
+    def hook(state):
+        if state.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    run.train(step_hooks=[hook])
+    run.cleanup()
+    """
+)
+
+
+def _write_recipe(tmp_path: Path, tiny_sdxl_dir: Path, images_dir: Path, name: str, **sections) -> Path:
+    """A recipe with paths relative to `tmp_path`, so runs in different folders write identical files."""
+    assert images_dir == tmp_path / "images"
+    train = {"epochs": 2, "learning_rate": 1e-2, "save_state_every_n_steps": 2, **sections.pop("train", {})}
+    recipe = make_recipe(
+        tmp_path,
+        tiny_sdxl_dir,
+        images_dir,
+        name=name,
+        output_dir="runs",
+        train=train,
+        data={"dir": "images"},
+        **sections,
+    )
+    path = tmp_path / f"{name}.toml"
+    path.write_text(dump_recipe(recipe))
+    return path
+
+
+def _drive(recipe: Path, **env: int) -> subprocess.CompletedProcess:
+    driver = recipe.parent / "driver.py"
+    driver.write_text(DRIVER)
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", **{k: str(v) for k, v in env.items()})
+    return subprocess.run(
+        [sys.executable, str(driver), str(recipe)],
+        cwd=recipe.parent,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _trace(run_dir: Path) -> tuple[list[tuple], bytes, bytes]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        (r["step"], float.hex(r["train/loss"]), float.hex(r["lr/unet"]), r["data/batch_sha1"]) for r in lines
+    ]
+    return steps, (run_dir / "epoch2.safetensors").read_bytes(), (run_dir / "epoch1.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_sdxl_dir):
+    """The uninterrupted run every resumed run must equal, bit for bit."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("reference")
+    images = tmp / "images"
+    shutil.copytree(REPO / "examples" / "quickstart", images)
+    recipe = _write_recipe(tmp, tiny_sdxl_dir, images, "run")
+    proc = _drive(recipe)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return _trace(tmp / "runs" / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kill_at", [1, 3, 5, 6], ids=["first-step", "epoch-boundary", "mid-epoch", "last-step"]
+)
+def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_sdxl_dir, images_dir, reference, kill_at):
+    expected = reference
+    recipe = _write_recipe(tmp_path, tiny_sdxl_dir, images_dir, "run")
+    killed = _drive(recipe, KILL_AT=kill_at)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _drive(recipe)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps, final, first = _trace(tmp_path / "runs" / "run")
+    assert [s[0] for s in steps] == list(range(1, 7))
+    assert steps == expected[0]  # losses, learning rates and batch contents
+    assert final == expected[1] and first == expected[2]  # adapter bytes
+
+
+@pytest.mark.slow
+def test_kill_while_a_state_is_written_resumes_from_the_previous_one(
+    tmp_path, tiny_sdxl_dir, images_dir, reference
+):
+    expected = reference
+    recipe = _write_recipe(tmp_path, tiny_sdxl_dir, images_dir, "run")
+    killed = _drive(recipe, KILL_IN_SAVE=4)
+    assert killed.returncode == -signal.SIGKILL
+    root = tmp_path / "runs" / "run" / "state"
+    assert [p.name for p in list_complete_states(root)] == ["step-00000003", "step-00000002"]
+    assert (root / ".step-00000004.partial").is_dir()  # the half-written one is never picked
+    resumed = _drive(recipe)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr and "step-00000003" in resumed.stderr
+    assert _trace(tmp_path / "runs" / "run") == expected
+    assert not list(root.glob(".*.partial"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_state_and_exits_143(tmp_path, tiny_sdxl_dir, images_dir):
+    recipe = _write_recipe(
+        tmp_path, tiny_sdxl_dir, images_dir, "term", train={"epochs": 200, "save_state_every_n_steps": 1000}
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratk.train", str(recipe)],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Resume with" in err and "loratk.train" in err
+    states = list_complete_states(tmp_path / "runs" / "term" / "state")
+    assert states, "no state was saved"
+    last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert states[0].name == f"step-{last_logged:08d}"
+
+
+def test_second_ctrl_c_aborts_at_once():
+    stop = StopRequest()
+    stop._handle(signal.SIGINT, None)
+    assert stop.requested and stop.signal_name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    term = StopRequest()
+    term._handle(signal.SIGTERM, None)
+    term._handle(signal.SIGTERM, None)  # repeated SIGTERM keeps waiting for the step to end
+    assert term.signal_name == "SIGTERM"
+
+
+def test_damaged_newest_state_falls_back_with_a_warning(tmp_path, tiny_sdxl_dir, images_dir, caplog):
+    recipe = make_recipe(
+        tmp_path, tiny_sdxl_dir, images_dir, train={"epochs": 2, "save_state_every_n_steps": 1}, name="d"
+    )
+    run = TrainingRun(recipe)
+    run.setup()
+    run.train()
+    run.cleanup()
+    root = run.run_dir / "state"
+    newest, older = list_complete_states(root)[:2]
+    (newest / "model.safetensors").write_bytes(b"\x00" * 10)  # damaged
+    run = TrainingRun(recipe.model_copy(update={"train": recipe.train.model_copy(update={"epochs": 3})}))
+    run.setup()
+    assert run.resume_from == older
+    assert "falling back to an older state" in caplog.text
+    run.cleanup()
+
+
+def test_changed_math_is_refused_with_a_diff_but_more_epochs_resume(tmp_path, tiny_sdxl_dir, images_dir):
+    recipe = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name="m")
+    run = TrainingRun(recipe)
+    run.setup()
+    run.train()
+    run.cleanup()
+    changed = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name="m", lora={"rank": 8})
+    with pytest.raises(RunDirError, match=r"lora.rank: 4 -> 8(.|\n)*--overwrite"):
+        TrainingRun(changed).setup()
+    longer = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name="m", train={"epochs": 2})
+    run = TrainingRun(longer)
+    run.setup()
+    assert run.state.global_step == 3 and run.state.epoch == 2
+    result = run.train()
+    run.cleanup()
+    assert result.global_step == 6 and (run.run_dir / "epoch2.safetensors").is_file()
+    lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 7))
+    fresh = TrainingRun(changed, overwrite=True)
+    fresh.setup()
+    assert fresh.state.global_step == 0 and not (fresh.run_dir / "epoch2.safetensors").exists()
+    fresh.cleanup()
+
+
+def test_concurrent_runs_into_one_directory_are_refused(tmp_path, tiny_sdxl_dir, images_dir):
+    recipe = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name="c")
+    lock = RunLock(recipe.run_dir)
+    lock.acquire()
+    try:
+        with pytest.raises(StateError, match=f"another training \\(pid {os.getpid()}\\)"):
+            TrainingRun(recipe).setup()
+    finally:
+        lock.release()
+
+
+class _NaNAt:
+    """Wraps an objective; returns a NaN loss on the given micro-steps (1-based)."""
+
+    def __init__(self, objective, bad: set[int] | None = None, from_step: int | None = None):
+        self.objective, self.bad, self.from_step, self.calls = objective, bad or set(), from_step, 0
+
+    def compute_loss(self, batch):
+        self.calls += 1
+        out = self.objective.compute_loss(batch)
+        if self.calls in self.bad or (self.from_step and self.calls >= self.from_step):
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted(tmp_path, tiny_sdxl_dir, images_dir):
+    run = TrainingRun(make_recipe(tmp_path, tiny_sdxl_dir, images_dir, train={"epochs": 1}))
+    run.setup()
+    run.objective = _NaNAt(run.objective, bad={2})
+    snapshots = []
+    run.train(
+        step_hooks=[
+            lambda s: snapshots.append(
+                {n: p.detach().clone() for n, p in run.model.unet.named_parameters() if p.requires_grad}
+            )
+        ]
+    )
+    run.cleanup()
+    assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])  # step 2: no update
+    assert not all(torch.equal(snapshots[1][k], snapshots[2][k]) for k in snapshots[1])
+    lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/nonfinite_steps"] for r in lines] == [0, 1, 1]
+    assert lines[1]["train/loss"] is None  # strict JSON, no NaN token
+    tensors, _ = load_safetensors(run.run_dir / "epoch1.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_k_non_finite_steps_in_a_row_stop_the_run(tmp_path, tiny_sdxl_dir, images_dir):
+    recipe = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, train={"epochs": 3, "max_nonfinite_steps": 2})
+    run = TrainingRun(recipe)
+    run.setup()
+    run.objective = _NaNAt(run.objective, from_step=5)
+    with pytest.raises(NonFiniteLossError, match="2 optimizer steps in a row(.|\n)*bf16"):
+        run.train()
+    run.cleanup()
+    assert [p.name for p in list_complete_states(run.run_dir / "state")][0] == "step-00000003"
+    assert not (run.run_dir / "epoch2.safetensors").exists()
+
+
+def test_disk_full_during_export_names_the_path_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "epoch1.safetensors"
+    save_safetensors_atomic({"w": torch.ones(4)}, target, {"v": "old"})
+    code = textwrap.dedent(
+        f"""
+        import resource, signal, torch
+        from loratk.core.checkpoint import OutputWriteError, save_safetensors_atomic
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            save_safetensors_atomic({{"w": torch.ones(1_000_000)}}, {str(target)!r}, {{"v": "new"}})
+        except OutputWriteError as err:
+            print("ERR", err)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "ERR could not write" in proc.stdout and str(target) in proc.stdout, proc.stdout + proc.stderr
+    tensors, meta = load_safetensors(target)
+    assert meta["v"] == "old" and torch.equal(tensors["w"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch1.safetensors"]  # no temp file left
+
+
+def test_export_is_read_back_before_it_replaces_the_old_file(tmp_path, monkeypatch):
+    import loratk.core.checkpoint as checkpoint
+
+    target = tmp_path / "a.safetensors"
+    save_safetensors_atomic({"w": torch.ones(2)}, target)
+    real = checkpoint.serialize_safetensors
+    # A writer that silently writes the wrong shape: the read-back check must catch it.
+    monkeypatch.setattr(
+        checkpoint, "serialize_safetensors", lambda t, metadata=None: real({"w": torch.ones(3)})
+    )
+    with pytest.raises(ValueError, match="shape"):
+        save_safetensors_atomic({"w": torch.ones(2) * 5}, target)
+    assert torch.equal(load_safetensors(target)[0]["w"], torch.ones(2))
+    monkeypatch.undo()
+    with pytest.raises(FloatingPointError, match="not finite"):
+        from loratk.adapters.lora import LoraAdapter
+
+        LoraAdapter(rank=1, alpha=1)._check_finite(
+            {"unet": {"x.lora_A.weight": torch.tensor([float("nan")])}}, target
+        )
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        save_safetensors_atomic({"w": torch.ones(1)}, tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_damaged_safetensors_errors_name_the_file(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x01\x00")
+    with pytest.raises(ValueError, match=f"{bad}: not a readable .safetensors file"):
+        load_safetensors(bad)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_no_pickle_loading_and_no_remote_code_in_the_package():
+    offenders = []
+    for path in (REPO / "src").rglob("*.py"):
+        text = path.read_text()
+        if "torch.load(" in text or "trust_remote_code=True" in text or "pickle.load" in text:
+            offenders.append(str(path))
+    assert not offenders
+
+
+def test_incomplete_state_is_never_listed(tmp_path):
+    (tmp_path / "step-00000004").mkdir()
+    (tmp_path / "step-00000002").mkdir()
+    (tmp_path / "step-00000002" / MARKER).write_text("ok")
+    assert [p.name for p in list_complete_states(tmp_path)] == ["step-00000002"]
+
+
+def test_write_error_type_is_an_oserror():
+    assert issubclass(OutputWriteError, OSError)
+
+
+def test_safetensors_bytes_are_deterministic_and_readable_by_safetensors():
+    from safetensors.torch import load
+
+    from loratk.core.checkpoint import serialize_safetensors
+
+    tensors = {
+        "b.alpha": torch.tensor(4.0, dtype=torch.float16),
+        "a.w": torch.randn(3, 5, dtype=torch.bfloat16),
+        "c": torch.arange(7, dtype=torch.int64).reshape(7, 1),
+        "d": torch.randn(2, 2).t(),  # not contiguous
+    }
+    one = serialize_safetensors(tensors, {"x": "1", "y": "2"})
+    two = serialize_safetensors(dict(reversed(tensors.items())), {"y": "2", "x": "1"})
+    assert one == two
+    back = load(one)
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
