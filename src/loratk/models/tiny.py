@@ -1,6 +1,6 @@
-"""Deterministic tiny random SDXL (and its tokenizers), built offline from configs.
+"""Deterministic tiny random SDXL and BLIP (with their tokenizers), built offline from configs.
 
-Tests and the quickstart use it through the same `from_pretrained` path as a hub id: the model is saved
+Tests and the quickstart use them through the same `from_pretrained` path as a hub id: a model is saved
 once with `save_pretrained` into a cache folder and loaded back from there.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 TINY_SDXL_ID = "builtin:tiny-sdxl"
+TINY_BLIP_ID = "builtin:tiny-blip"
 _TINY_VERSION = "1"  # bump when the tiny configs change, so stale cache folders are rebuilt
 
 # The UNet keeps SDXL's block structure (3 levels, 2 layers per block, cross-attention in the two lower
@@ -149,22 +150,131 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def materialise_tiny_sdxl(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the folder of the tiny SDXL, building it once (atomically) if it is not there yet."""
+def _materialise(name: str, marker: str, save, cache_dir: str | os.PathLike | None) -> Path:
+    """Return `<cache>/<name>`, building it once with `save(folder)` (atomically) if it is not there yet."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / f"tiny-sdxl-v{_TINY_VERSION}"
-    if (target / "model_index.json").is_file():
+    target = cache_dir / name
+    if (target / marker).is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
-        save_tiny_sdxl(tmp)
+        save(tmp)
         try:
             os.replace(tmp, target)
         except OSError:
             # Another process finished first; its folder is as good as ours.
-            if not (target / "model_index.json").is_file():
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def materialise_tiny_sdxl(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the folder of the tiny SDXL, building it once (atomically) if it is not there yet."""
+    return _materialise(f"tiny-sdxl-v{_TINY_VERSION}", "model_index.json", save_tiny_sdxl, cache_dir)
+
+
+# --- BLIP -------------------------------------------------------------------------------------------------
+
+# Real caption words, so that tiny captions read like (nonsense) captions and exercise word-piece decoding.
+_TINY_BLIP_WORDS = (
+    "a an the of on in with and at by , . photo painting drawing picture man woman dog cat boat sun moon "
+    "hill tree pine mountain river sea sky night red green blue white black small large old young standing "
+    "sitting"
+)
+
+# Same layout as BLIP-large (ViT + BERT-style decoder), about 70k parameters. The wider init (BLIP's
+# vision default is 1e-10) makes captions depend on the image, so tests can tell images apart.
+TINY_BLIP_TEXT_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    projection_dim=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,  # as BLIP: room for any --max-length a user gives
+    initializer_range=0.2,
+)
+TINY_BLIP_VISION_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    projection_dim=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    initializer_range=0.2,
+)
+_TINY_BLIP_SEP_BIAS = 3.0  # raises the end-of-caption logit: random captions end after a few words
+
+
+def build_blip_tokenizer(vocab_size: int | None = None):
+    """A BERT word-piece tokenizer with BLIP's special tokens, from an in-memory vocabulary.
+
+    Ids follow BLIP's layout: `[PAD]` = 0, ..., then words, then `[DEC]` (decoder start) and `[ENC]` last.
+    `vocab_size` pads the word list with `w<N>` entries to a full-size vocabulary (for benchmarks).
+    """
+    from transformers import BertTokenizer
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_TINY_BLIP_WORDS.split()]
+    if vocab_size is not None:
+        tokens += [f"w{i}" for i in range(vocab_size - 2 - len(tokens))]
+    tokens += ["[DEC]", "[ENC]"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return BertTokenizer(vocab=vocab, bos_token="[DEC]", extra_special_tokens=["[ENC]"], model_max_length=512)
+
+
+def build_blip(
+    text_config: dict,
+    vision_config: dict,
+    *,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    sep_bias: float = 0.0,
+):
+    """A random `BlipForConditionalGeneration` and its `BlipProcessor`, identical for a given seed."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer = build_blip_tokenizer(vocab_size)
+    config = BlipConfig(
+        text_config=dict(
+            text_config,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            sep_token_id=tokenizer.sep_token_id,  # generation stops here
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=vision_config,
+        projection_dim=text_config["projection_dim"],
+        image_text_hidden_size=text_config["hidden_size"],
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config).eval()
+    if sep_bias:
+        with torch.no_grad():
+            model.text_decoder.cls.predictions.bias[tokenizer.sep_token_id] += sep_bias
+    size = vision_config["image_size"]
+    image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
+    return model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_tiny_blip(seed: int = 0):
+    """A tiny random BLIP captioner (32x32 input) and its processor, identical for a given seed."""
+    return build_blip(TINY_BLIP_TEXT_CONFIG, TINY_BLIP_VISION_CONFIG, seed=seed, sep_bias=_TINY_BLIP_SEP_BIAS)
+
+
+def save_tiny_blip(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny BLIP folder (model and processor, as on the hub) and return its path."""
+    folder = Path(folder)
+    model, processor = build_tiny_blip(seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def materialise_tiny_blip(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the folder of the tiny BLIP, building it once (atomically) if it is not there yet."""
+    return _materialise(f"tiny-blip-v{_TINY_VERSION}", "processor_config.json", save_tiny_blip, cache_dir)
