@@ -75,6 +75,45 @@ def build_dataset(recipe: Recipe) -> Any:
     )
 
 
+def load_sample_prompts(recipe: Recipe) -> list[Any]:
+    """The `[sample]` prompts as parsed lines (empty when sampling is off); file problems surface here."""
+    from loratk.prompts import load_prompts_file, parse_prompt_line
+
+    if recipe.sample.prompts_file:
+        return load_prompts_file(recipe.sample.prompts_file, allow_lora_tags=False)
+    return [parse_prompt_line(line) for line in recipe.sample.prompts]
+
+
+def build_sampler(recipe: Recipe, model: Any, prompts: list[Any], num_epochs: int) -> Any:
+    """The epoch hook that renders `[sample]` prompts, or None when the recipe has no prompts."""
+    if not prompts:
+        return None
+    from loratk.sampling import SampleHook, expand_prompts
+
+    cfg = recipe.sample
+    width, height = recipe.sample_size
+    specs = expand_prompts(
+        prompts,
+        seeds=cfg.seeds,
+        width=width,
+        height=height,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        negative_prompt=cfg.negative_prompt,
+    )
+    return SampleHook(
+        model=model,
+        specs=specs,
+        samples_dir=recipe.run_dir / "samples",
+        scheduler=cfg.scheduler,
+        every_n_epochs=cfg.every_n_epochs,
+        num_epochs=num_epochs,
+        at_start=cfg.at_start,
+        model_name=recipe.model.path,
+        prediction_type=recipe.model.prediction_type,
+    )
+
+
 def _export_metadata(recipe: Recipe, dataset: Any, plan: Any) -> Any:
     import loratk
     from loratk.export.formats import build_kohya_metadata, compute_tag_frequency
@@ -138,8 +177,9 @@ class TrainingRun:
         )
         set_seed(recipe.seed)
 
-        # Data problems surface before any model is loaded.
+        # Data and prompt-file problems surface before any model is loaded.
         self.dataset = build_dataset(recipe)
+        sample_prompts = load_sample_prompts(recipe)
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.resolved.toml", dump_recipe(recipe))
@@ -214,6 +254,8 @@ class TrainingRun:
             num_epochs=self.plan.num_epochs,
             metadata=_export_metadata(recipe, self.dataset, self.plan),
         )
+        # Samples come after the export, from the live model (no reload).
+        self.sampler = build_sampler(recipe, self.model, sample_prompts, self.plan.num_epochs)
         if recipe.train.report_to:
             accelerator.init_trackers(recipe.name, config={"plan": str(self.plan.as_dict())})
 
@@ -221,6 +263,12 @@ class TrainingRun:
         from loratk.core.loop import MetricsWriter, run_training
 
         main = self.accelerator.is_main_process
+        hooks = [self.exporter]
+        if self.sampler is not None:
+            hooks.append(self.sampler)
+            if main:
+                self.sampler.start()  # the base model's row of the grid
+            self.accelerator.wait_for_everyone()
         metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if main else None)
         try:
             result = run_training(
@@ -235,7 +283,7 @@ class TrainingRun:
                 max_grad_norm=self.recipe.train.max_grad_norm,
                 log_every_n_steps=self.recipe.train.log_every_n_steps,
                 metrics=metrics,
-                epoch_hooks=[self.exporter],
+                epoch_hooks=hooks,
             )
         finally:
             metrics.close()
@@ -271,10 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from loratk.data.dataset import DataError
     from loratk.models.sdxl import ModelLoadError
+    from loratk.prompts import PromptError
 
     try:
         train(recipe)
-    except (DataError, ModelLoadError, ImportError) as err:
+    except (DataError, ModelLoadError, PromptError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
