@@ -86,6 +86,7 @@ def parse_prompt_line(line: str) -> PromptSpec:
     if not prompt:
         raise ValueError("the prompt is empty")
     values: dict[str, Any] = {}
+    seen: set[str] = set()
     for option in options:
         key, _, value = option.strip().partition(" ")
         key, value = key.lower(), value.strip()
@@ -94,8 +95,9 @@ def parse_prompt_line(line: str) -> PromptSpec:
         if key not in _OPTIONS:
             known = " ".join(f"--{k}" for k in _OPTIONS)
             raise ValueError(f"unknown option --{key} (known: {known})")
-        if key in values:
+        if key in seen:
             raise ValueError(f"--{key} is given twice")
+        seen.add(key)
         if not value and key != "n":
             raise ValueError(f"--{key} ({_OPTIONS[key]}) needs a value")
         if key == "n":
