@@ -65,6 +65,7 @@ def trained_run(tiny_sdxl_dir, tmp_path_factory):
         root / "images",
         lora={"train_text_encoders": True},
         train={"epochs": 2, "learning_rate": 1e-2},
+        export={"diffusers": True},
         sample={**FAST, "prompts": [f"{SAMURAI} --n blurry", "a boat --d 3"], "seeds": [1, 2]},
     )
     run = TrainingRun(recipe)
@@ -368,11 +369,59 @@ def test_cli_lora_tags_match_the_lora_option(trained_run, tmp_path):
         )
         == 0
     )
-    assert run_cli("--prompt", "a boat", "--lora", str(run_dir / "epoch1.safetensors"), "--scale", "0.5", "--out", str(tmp_path / "b"), *common) == 0  # fmt: skip
+    assert (
+        run_cli(
+            "--prompt",
+            "a boat",
+            "--lora",
+            str(run_dir / "epoch1.safetensors"),
+            "--scale",
+            "0.5",
+            "--out",
+            str(tmp_path / "b"),
+            *common,
+        )
+        == 0
+    )
     tagged = pixels(Image.open(tmp_path / "a" / "01-seed4-prompted.png"))
     direct = pixels(Image.open(tmp_path / "b" / "01-seed4-epoch1-x0.5.png"))
     assert np.array_equal(tagged, direct)
     assert read_png_parameters(tmp_path / "a" / "01-seed4-prompted.png")["loras"] == [("epoch1", 0.5)]
+
+
+def test_cli_reads_the_diffusers_layout_export_too(trained_run, tmp_path):
+    run_dir, out = trained_run.run_dir, tmp_path / "out"
+    common = [
+        "--prompt",
+        "a cat",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--model",
+        str(trained_run.recipe.model.path),
+    ]
+    args = ["--lora", str(run_dir / "epoch2.safetensors"), "--lora", str(run_dir / "epoch2_diffusers")]
+    assert run_cli(*args, *common, "--out", str(out)) == 0
+    assert read_grid_labels(out / "grid.png")["columns"] == ["epoch2", "epoch2_diffusers"]
+    kohya, peft = (
+        pixels(Image.open(out / f"01-seed3-{name}.png")) for name in ("epoch2", "epoch2_diffusers")
+    )
+    assert np.abs(kohya - peft).max() <= 1
+
+
+def test_scheduler_names_agree_everywhere():
+    import typing
+
+    from loratk.cli import build_parser
+    from loratk.recipe import SampleConfig
+    from loratk.sampling import SCHEDULERS
+
+    recipe_names = typing.get_args(SampleConfig.model_fields["scheduler"].annotation)
+    sample_parser = build_parser()._subparsers._group_actions[0].choices["sample"]
+    cli_names = next(a.choices for a in sample_parser._actions if a.dest == "scheduler")
+    assert list(recipe_names) == list(cli_names) == list(SCHEDULERS)
+    assert SampleConfig().scheduler == "euler" and "ddim" not in SCHEDULERS
 
 
 def test_cli_prompts_file_and_a_diffusers_folder_as_model(tiny_sdxl_dir, tmp_path):
@@ -380,8 +429,22 @@ def test_cli_prompts_file_and_a_diffusers_folder_as_model(tiny_sdxl_dir, tmp_pat
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"# study\n{SAMURAI} --d 11\na boat --w 64 --h 32\n")
     out = tmp_path / "out"
-    code = run_cli("--model", str(tiny_sdxl_dir), "--prompts-file", str(prompts), "--steps", "2", "--size", "64x64",
-                   "--scheduler", "dpmpp_2m", "--out", str(out), "--grid", str(tmp_path / "g.png"))  # fmt: skip
+    code = run_cli(
+        "--model",
+        str(tiny_sdxl_dir),
+        "--prompts-file",
+        str(prompts),
+        "--steps",
+        "2",
+        "--size",
+        "64x64",
+        "--scheduler",
+        "dpmpp_2m",
+        "--out",
+        str(out),
+        "--grid",
+        str(tmp_path / "g.png"),
+    )
     assert code == 0
     labels = read_grid_labels(tmp_path / "g.png")
     assert labels["columns"] == [tiny_sdxl_dir.name]
@@ -410,7 +473,10 @@ def _bad_lora_files(trained_run: TrainingRun, folder: Path) -> dict[str, Path]:
     save_file(
         renamed, str(files["renamed keys"]), metadata={"loratk.base_model": trained_run.recipe.model.path}
     )
-    wrong = {k: torch.zeros(v.shape[0], 7) if k.endswith("lora_down.weight") and v.ndim == 2 else v for k, v in tensors.items()}  # fmt: skip
+    wrong = {
+        k: torch.zeros(v.shape[0], 7) if k.endswith("lora_down.weight") and v.ndim == 2 else v
+        for k, v in tensors.items()
+    }
     save_file(
         wrong, str(files["wrong shapes"]), metadata={"loratk.base_model": trained_run.recipe.model.path}
     )

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from loratk.core.checkpoint import atomic_path
 from loratk.prompts import PromptSpec, format_parameters, parse_parameters
+
+logger = get_logger(__name__)  # used by the epoch hook only: the CLI reports through its exit code
 
 # id -> (diffusers class, options on top of the model's own scheduler config, A1111 name). Never DDIM by
 # default: it gives bad SDXL images (shared/REFERENCE.md §2).
@@ -502,10 +505,8 @@ class SampleHook:
             self._render(self.epoch_dir(epoch), epoch=epoch)
 
     def _render(self, folder: Path, epoch: int | None) -> None:
-        from accelerate.logging import get_logger
         from tqdm.auto import tqdm
 
-        logger = get_logger(__name__)
         what = "base model" if epoch is None else f"epoch {epoch}"
         modules = _model_modules(self.model)
         loras = () if epoch is None else ((f"epoch{epoch}", 1.0),)
@@ -541,7 +542,7 @@ class SampleHook:
         so a resumed run's grid keeps the epochs sampled before the restart.
         """
         rows: list[tuple[str, Path]] = []
-        if (self.samples_dir / "base").is_dir():
+        if self.at_start and (self.samples_dir / "base").is_dir():
             rows.append(("base", self.samples_dir / "base"))
         for epoch in range(1, up_to + 1):
             if self.samples_epoch(epoch) and self.epoch_dir(epoch).is_dir():
@@ -555,6 +556,7 @@ class SampleHook:
 
 # ---------------------------------------------------------------- LoRA files (for `loratk sample`)
 
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what `save_lora_weights` writes into a folder
 _DOWN_KEY = re.compile(
     r"^(.+?)\.(?:lora_down|lora_A|lora\.down|lora_linear_layer\.down)(?:\.[^.]+)?\.weight$"
 )
@@ -573,7 +575,8 @@ class LoraFile:
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        """The file stem (`epoch7`), or the folder's name for a diffusers-layout export (`epoch7_diffusers`)."""
+        return self.path.parent.name if self.path.name == DIFFUSERS_LORA_FILE else self.path.stem
 
     @property
     def base_model(self) -> str | None:
@@ -598,8 +601,8 @@ def load_lora_file(path: str | os.PathLike) -> LoraFile:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if path.is_dir() and (path / "pytorch_lora_weights.safetensors").is_file():
-        path = path / "pytorch_lora_weights.safetensors"
+    if path.is_dir() and (path / DIFFUSERS_LORA_FILE).is_file():
+        path = path / DIFFUSERS_LORA_FILE
     if not path.exists():
         raise SampleError(f"{path}: LoRA file not found")
     if path.is_dir():
