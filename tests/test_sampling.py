@@ -357,32 +357,10 @@ def test_cli_end_to_end_epochs_scales_and_base(trained_run, tmp_path, capsys):
 def test_cli_lora_tags_match_the_lora_option(trained_run, tmp_path):
     run_dir = trained_run.run_dir
     common = ["--seed", "4", "--steps", "2", "--size", "64", "--model", str(trained_run.recipe.model.path)]
-    assert (
-        run_cli(
-            "--prompt",
-            "a boat <lora:epoch1:0.5>",
-            "--lora-dir",
-            str(run_dir),
-            "--out",
-            str(tmp_path / "a"),
-            *common,
-        )
-        == 0
-    )
-    assert (
-        run_cli(
-            "--prompt",
-            "a boat",
-            "--lora",
-            str(run_dir / "epoch1.safetensors"),
-            "--scale",
-            "0.5",
-            "--out",
-            str(tmp_path / "b"),
-            *common,
-        )
-        == 0
-    )
+    by_tag = ["--prompt", "a boat <lora:epoch1:0.5>", "--lora-dir", str(run_dir)]
+    by_option = ["--prompt", "a boat", "--lora", str(run_dir / "epoch1.safetensors"), "--scale", "0.5"]
+    assert run_cli(*by_tag, *common, "--out", str(tmp_path / "a")) == 0
+    assert run_cli(*by_option, *common, "--out", str(tmp_path / "b")) == 0
     tagged = pixels(Image.open(tmp_path / "a" / "01-seed4-prompted.png"))
     direct = pixels(Image.open(tmp_path / "b" / "01-seed4-epoch1-x0.5.png"))
     assert np.array_equal(tagged, direct)
@@ -391,16 +369,8 @@ def test_cli_lora_tags_match_the_lora_option(trained_run, tmp_path):
 
 def test_cli_reads_the_diffusers_layout_export_too(trained_run, tmp_path):
     run_dir, out = trained_run.run_dir, tmp_path / "out"
-    common = [
-        "--prompt",
-        "a cat",
-        "--seed",
-        "3",
-        "--steps",
-        "2",
-        "--model",
-        str(trained_run.recipe.model.path),
-    ]
+    model = ["--model", str(trained_run.recipe.model.path)]
+    common = ["--prompt", "a cat", "--seed", "3", "--steps", "2", *model]
     args = ["--lora", str(run_dir / "epoch2.safetensors"), "--lora", str(run_dir / "epoch2_diffusers")]
     assert run_cli(*args, *common, "--out", str(out)) == 0
     assert read_grid_labels(out / "grid.png")["columns"] == ["epoch2", "epoch2_diffusers"]
@@ -429,22 +399,9 @@ def test_cli_prompts_file_and_a_diffusers_folder_as_model(tiny_sdxl_dir, tmp_pat
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"# study\n{SAMURAI} --d 11\na boat --w 64 --h 32\n")
     out = tmp_path / "out"
-    code = run_cli(
-        "--model",
-        str(tiny_sdxl_dir),
-        "--prompts-file",
-        str(prompts),
-        "--steps",
-        "2",
-        "--size",
-        "64x64",
-        "--scheduler",
-        "dpmpp_2m",
-        "--out",
-        str(out),
-        "--grid",
-        str(tmp_path / "g.png"),
-    )
+    options = ["--steps", "2", "--size", "64x64", "--scheduler", "dpmpp_2m"]
+    files = ["--prompts-file", str(prompts), "--out", str(out), "--grid", str(tmp_path / "g.png")]
+    code = run_cli("--model", str(tiny_sdxl_dir), *options, *files)
     assert code == 0
     labels = read_grid_labels(tmp_path / "g.png")
     assert labels["columns"] == [tiny_sdxl_dir.name]
