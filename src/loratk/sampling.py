@@ -46,6 +46,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
     ),
 }
 DEFAULT_SCHEDULER = "euler"
+GRID_CELL = 512  # grids scale images down to this side; the PNGs keep full size
 
 
 class SampleError(ValueError):
@@ -324,7 +325,7 @@ def build_grid(
     row_labels: Sequence[str],
     column_labels: Sequence[str],
     *,
-    max_cell: int = 512,
+    max_cell: int = GRID_CELL,
 ) -> Grid:
     """Paste images into a labelled grid. Cells are scaled down to fit `max_cell`; None draws a grey cell."""
     if len(cells) != len(row_labels) or any(len(r) != len(column_labels) for r in cells):
@@ -472,7 +473,7 @@ class SampleHook:
         at_start: bool,
         model_name: str,
         prediction_type: str | None = None,
-        max_cell: int = 512,
+        max_cell: int = GRID_CELL,
     ):
         self.model = model
         self.specs = list(specs)
@@ -742,10 +743,43 @@ def resolve_lora_tags(
     return found
 
 
+def _loras_of(
+    column: Column, spec: ImageSpec, tag_files: dict[str, LoraFile]
+) -> list[tuple[LoraFile, float]]:
+    """The LoRAs of one image: the column's file at its scale plus the prompt's tags (one file's weights add)."""
+    if column.base:
+        return []
+    pairs = [(column.lora, column.scale)] if column.lora is not None else []
+    weights: dict[int, tuple[LoraFile, float]] = {}
+    for lora, weight in pairs + [(tag_files[name], w) for name, w in spec.loras]:
+        weights[id(lora)] = (lora, weights.get(id(lora), (lora, 0.0))[1] + weight)
+    return list(weights.values())
+
+
 def _default_precision(device: str) -> str:
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def load_pipeline(
+    model: str,
+    *,
+    scheduler: str = DEFAULT_SCHEDULER,
+    model_config: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+) -> Any:
+    """A pipeline over a model path (hub id, diffusers folder, single-file checkpoint, builtin:tiny-sdxl).
+
+    Default: bf16 on a GPU, fp32 on the CPU; the VAE stays out of fp16 (`freeze_and_cast`).
+    """
+    from loratk.models.sdxl import DTYPES, freeze_and_cast, load_sdxl
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    parts = load_sdxl(model, single_file_config=model_config)
+    freeze_and_cast(parts, torch.device(device), DTYPES[precision or _default_precision(device)])
+    return build_pipeline(parts, scheduler=scheduler)
 
 
 def _base_model_of(files: Sequence[LoraFile]) -> str:
@@ -790,8 +824,6 @@ def run_sample(
     """
     from tqdm.auto import tqdm
 
-    from loratk.models.sdxl import DTYPES, freeze_and_cast, load_sdxl
-
     if scheduler not in SCHEDULERS:
         raise SampleError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if not prompts:
@@ -803,10 +835,9 @@ def run_sample(
     model = model or _base_model_of(every)
     size = size or next((f.resolution for f in every if f.resolution), None)
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    parts = load_sdxl(model, single_file_config=model_config)
-    freeze_and_cast(parts, torch.device(device), DTYPES[precision or _default_precision(device)])
-    pipe = build_pipeline(parts, scheduler=scheduler)
+    pipe = load_pipeline(
+        model, scheduler=scheduler, model_config=model_config, device=device, precision=precision
+    )
     if size is None:
         side = pipe.default_sample_size * pipe.vae_scale_factor
         size = (side, side)
@@ -832,12 +863,8 @@ def run_sample(
     try:
         for c, column in enumerate(columns):
             for r, spec in enumerate(specs):
-                used: dict[int, tuple[LoraFile, float]] = {}  # by file identity; weights of one file add up
-                if not column.base:
-                    pairs = [(column.lora, column.scale)] if column.lora is not None else []
-                    for lora, weight in pairs + [(tag_files[n], w) for n, w in spec.loras]:
-                        used[id(lora)] = (lora, used.get(id(lora), (lora, 0.0))[1] + weight)
-                wanted = tuple((adapter[key], weight) for key, (_, weight) in used.items())
+                used = _loras_of(column, spec, tag_files)
+                wanted = tuple((adapter[id(lora)], weight) for lora, weight in used)
                 if wanted != active:
                     if wanted:
                         pipe.enable_lora()
@@ -846,12 +873,17 @@ def run_sample(
                         pipe.disable_lora()
                     active = wanted
                 ((_, image),) = generate_images(pipe, [spec], progress=bar.update)
-                shown = [(lora.name, weight) for lora, weight in used.values()]
-                epoch = next(iter(used.values()))[0].epoch if len(used) == 1 else None
+                text = image_parameters(
+                    spec,
+                    scheduler=scheduler,
+                    model=model,
+                    loras=[(lora.name, weight) for lora, weight in used],
+                    epoch=used[0][0].epoch if len(used) == 1 else None,
+                )
                 path = out / f"{spec.index:02d}-seed{spec.seed}-{column.slug}.png"
-                text = image_parameters(spec, scheduler=scheduler, model=model, loras=shown, epoch=epoch)
                 save_png(image, path, text)
                 written.append(path)
+                image.thumbnail((GRID_CELL, GRID_CELL))  # the grid needs no more; keeps memory flat
                 cells[r][c] = image
     finally:
         bar.close()
