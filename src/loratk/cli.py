@@ -33,6 +33,16 @@ def _size(text: str) -> tuple[int, int]:
     return size
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _scales(text: str) -> list[float]:
     """`0.5,0.8,1.0` -> [0.5, 0.8, 1.0]."""
     try:
@@ -128,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--seed", type=int, nargs="+", default=[0], help="seeds: one image per prompt and seed"
     )
-    sample.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    sample.add_argument("--steps", type=_positive_int, default=30, help="denoising steps (default 30)")
     sample.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default 7)")
     sample.add_argument(
         "--size", type=_size, metavar="WxH", help="image size; default: the LoRA's training resolution"
