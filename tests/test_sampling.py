@@ -479,6 +479,8 @@ def test_cli_other_bad_input_exits_2(trained_run, tmp_path, capsys):
     prompts.write_text("a cat\n\na dog --x 1\n")
     no_meta = tmp_path / "bare.safetensors"
     save_file(load_file(epoch1), str(no_meta))
+    kohya = tmp_path / "kohya.safetensors"  # kohya names a checkpoint file that is not here
+    save_file(load_file(epoch1), str(kohya), metadata={"ss_sd_model_name": "sd_xl_base_1.0.safetensors"})
     cases = [
         (
             ["--lora", epoch1, "--prompt", "a cat <lora:epoch9:0.8>"],
@@ -486,6 +488,7 @@ def test_cli_other_bad_input_exits_2(trained_run, tmp_path, capsys):
         ),
         (["--lora", epoch1, "--prompts-file", str(prompts)], f"{prompts}:3: unknown option --x"),
         (["--lora", str(no_meta), "--prompt", "a cat"], "bare.safetensors has no loratk.base_model"),
+        (["--lora", str(kohya), "--prompt", "a cat"], "kohya.safetensors: its metadata names the base model"),
         (
             ["--lora", epoch1, "--prompt", "a cat", "--model", str(tmp_path / "nowhere")],
             "could not load the SDXL model",

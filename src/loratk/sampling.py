@@ -782,10 +782,11 @@ def load_pipeline(
     return build_pipeline(parts, scheduler=scheduler)
 
 
-def _base_model_of(files: Sequence[LoraFile]) -> str:
+def _base_model_of(files: Sequence[LoraFile]) -> LoraFile:
+    """The first LoRA file whose metadata names its base model."""
     for f in files:
         if f.base_model:
-            return f.base_model
+            return f
     why = (
         f"{files[0].path} has no loratk.base_model / ss_sd_model_name metadata" if files else "no LoRA given"
     )
@@ -832,12 +833,24 @@ def run_sample(
     folder = Path(lora_dir) if lora_dir is not None else (files[0].path.parent if files else Path.cwd())
     tag_files = resolve_lora_tags(prompts, folder, {f.name: f for f in files})
     every = files + [f for f in tag_files.values() if all(f is not g for g in files)]
-    model = model or _base_model_of(every)
+    named_by = None if model else _base_model_of(every)
+    model = model or named_by.base_model
     size = size or next((f.resolution for f in every if f.resolution), None)
 
-    pipe = load_pipeline(
-        model, scheduler=scheduler, model_config=model_config, device=device, precision=precision
-    )
+    from loratk.models.sdxl import ModelLoadError
+
+    try:
+        pipe = load_pipeline(
+            model, scheduler=scheduler, model_config=model_config, device=device, precision=precision
+        )
+    except ModelLoadError as err:
+        if named_by is None:
+            raise
+        # kohya files often name a bare checkpoint file here ("sd_xl_base_1.0.safetensors").
+        raise SampleError(
+            f"{named_by.path}: its metadata names the base model {model!r}, which could not be loaded; "
+            f"pass --model\n  {err}"
+        ) from None
     if size is None:
         side = pipe.default_sample_size * pipe.vae_scale_factor
         size = (side, side)
