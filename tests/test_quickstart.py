@@ -47,6 +47,14 @@ def test_quickstart_through_accelerate_launch(tmp_path):
     assert "loss=" in proc.stderr and "lr=" in proc.stderr  # the tqdm bar shows both
     with safe_open(str(run / "quickstart.safetensors"), "pt") as f:
         assert f.metadata()["ss_output_name"] == "quickstart"
+    samples = run / "samples"
+    assert (samples / "grid.png").is_file()
+    for folder in ("base", "epoch001", "epoch002", "epoch003"):
+        assert sorted(p.name for p in (samples / folder).iterdir()) == [
+            "01-seed1.png",
+            "01-seed2.png",
+            "02-seed7.png",
+        ]
 
 
 def test_train_module_reports_data_errors_with_exit_2(tmp_path, capsys):

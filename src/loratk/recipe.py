@@ -26,6 +26,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_image_size(value: int | tuple[int, int]) -> int | tuple[int, int]:
+    sides = (value,) if isinstance(value, int) else value
+    for side in sides:
+        if side < 8 or side % 8:
+            raise ValueError(f"each side must be a multiple of 8 and >= 8, got {side}")
+    return value
+
+
+def _as_size(value: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) from one side (square) or [width, height]."""
+    return (value, value) if isinstance(value, int) else value
+
+
 class ModelConfig(_Section):
     path: str = Field(
         "stabilityai/stable-diffusion-xl-base-1.0",
@@ -59,16 +72,12 @@ class DataConfig(_Section):
     @field_validator("resolution")
     @classmethod
     def _check_resolution(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
-        sides = (value,) if isinstance(value, int) else value
-        for side in sides:
-            if side < 8 or side % 8:
-                raise ValueError(f"each side must be a multiple of 8 and >= 8, got {side}")
-        return value
+        return _check_image_size(value)
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of training images."""
-        return (self.resolution, self.resolution) if isinstance(self.resolution, int) else self.resolution
+        return _as_size(self.resolution)
 
     @field_validator("caption_ext")
     @classmethod
@@ -140,6 +149,51 @@ class ExportConfig(_Section):
     diffusers: bool = Field(False, description="also write the PEFT/diffusers layout to <name>_diffusers/")
 
 
+class SampleConfig(_Section):
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="prompts in kohya syntax ('a cat --n blurry --d 3'); no prompts = no sampling",
+    )
+    prompts_file: str | None = Field(None, description="kohya sample-prompt file, one prompt a line")
+    negative_prompt: str = Field("", description="default negative prompt (a line's --n replaces it)")
+    seeds: list[int] = Field([0], min_length=1, description="every prompt is rendered once per seed")
+    every_n_epochs: int = Field(1, gt=0, description="sample every N epochs (the last epoch always)")
+    at_start: bool = Field(True, description="render the base model once before training, to samples/base/")
+    steps: int = Field(30, gt=0)
+    guidance: float = Field(7.0, ge=0, description="classifier-free guidance (CFG) scale")
+    scheduler: Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"] = "euler"
+    size: int | tuple[int, int] | None = Field(None, description="default: data.resolution")
+
+    @field_validator("prompts")
+    @classmethod
+    def _check_prompts(cls, value: list[str]) -> list[str]:
+        from loratk.prompts import TRAINING_LORA_TAGS, parse_prompt_line
+
+        for number, line in enumerate(value, start=1):
+            try:
+                spec = parse_prompt_line(line)
+            except ValueError as err:
+                raise ValueError(f"prompt {number}: {err}") from None
+            if spec.loras:
+                raise ValueError(f"prompt {number}: {TRAINING_LORA_TAGS}")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        return None if value is None else _check_image_size(value)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> SampleConfig:
+        if self.prompts and self.prompts_file:
+            raise ValueError("give either prompts or prompts_file, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts or self.prompts_file)
+
+
 class Recipe(_Section):
     name: str = Field(
         ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name = folder under output_dir"
@@ -153,6 +207,7 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     export: ExportConfig = ExportConfig()
+    sample: SampleConfig = SampleConfig()
 
     @model_validator(mode="after")
     def _check_method(self) -> Recipe:
@@ -163,6 +218,11 @@ class Recipe(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    @property
+    def sample_size(self) -> tuple[int, int]:
+        """(width, height) of samples: `sample.size`, else the training resolution."""
+        return _as_size(self.sample.size if self.sample.size is not None else self.data.resolution)
 
 
 class RecipeError(ValueError):

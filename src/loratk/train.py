@@ -103,6 +103,46 @@ def build_dataset(recipe: Recipe) -> Any:
     )
 
 
+def load_sample_prompts(recipe: Recipe) -> list[Any]:
+    """The `[sample]` prompts as parsed lines (empty when sampling is off); file problems surface here."""
+    from loratk.prompts import load_prompts_file, parse_prompt_line
+
+    if recipe.sample.prompts_file:
+        return load_prompts_file(recipe.sample.prompts_file, allow_lora_tags=False)
+    return [parse_prompt_line(line) for line in recipe.sample.prompts]
+
+
+def build_sampler(recipe: Recipe, model: Any, prompts: list[Any], num_epochs: int, stop: Any = None) -> Any:
+    """The epoch hook that renders `[sample]` prompts, or None when the recipe has no prompts."""
+    if not prompts:
+        return None
+    from loratk.sampling import SampleHook, expand_prompts
+
+    cfg = recipe.sample
+    width, height = recipe.sample_size
+    specs = expand_prompts(
+        prompts,
+        seeds=cfg.seeds,
+        width=width,
+        height=height,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        negative_prompt=cfg.negative_prompt,
+    )
+    return SampleHook(
+        model=model,
+        specs=specs,
+        samples_dir=recipe.run_dir / "samples",
+        scheduler=cfg.scheduler,
+        every_n_epochs=cfg.every_n_epochs,
+        num_epochs=num_epochs,
+        at_start=cfg.at_start,
+        model_name=recipe.model.path,
+        prediction_type=recipe.model.prediction_type,
+        should_stop=(lambda: stop.requested) if stop is not None else None,
+    )
+
+
 def _export_metadata(recipe: Recipe, dataset: Any, plan: Any) -> Any:
     import loratk
     from loratk.export.formats import build_kohya_metadata, compute_tag_frequency
@@ -170,8 +210,9 @@ class TrainingRun:
         )
         set_seed(recipe.seed)
 
-        # Data problems surface before any model is loaded.
+        # Data and prompt-file problems surface before any model is loaded.
         self.dataset = build_dataset(recipe)
+        sample_prompts = load_sample_prompts(recipe)
         if accelerator.is_main_process:
             self.lock = RunLock(self.run_dir)
             self.lock.acquire()
@@ -249,6 +290,8 @@ class TrainingRun:
             num_epochs=self.plan.num_epochs,
             metadata=_export_metadata(recipe, self.dataset, self.plan),
         )
+        # Samples come after the export, from the live model (no reload).
+        self.sampler = build_sampler(recipe, self.model, sample_prompts, self.plan.num_epochs, self.stop)
         if recipe.train.report_to:
             accelerator.init_trackers(recipe.name, config={"plan": str(self.plan.as_dict())})
         self.states = StateManager(
@@ -324,6 +367,12 @@ class TrainingRun:
                 f"{self.plan.total_steps} (raise train.epochs to continue, or pass --overwrite to start again)",
                 main_process_only=True,
             )
+        hooks = [self.exporter]
+        if self.sampler is not None:
+            hooks.append(self.sampler)
+            if main and self.resume_from is None:
+                self.sampler.start()  # the base model's row of the grid, once per run
+            self.accelerator.wait_for_everyone()
         resume_step = self.state.global_step if self.resume_from else None
         metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if main else None, resume_step=resume_step)
         try:
@@ -339,7 +388,7 @@ class TrainingRun:
                 max_grad_norm=self.recipe.train.max_grad_norm,
                 log_every_n_steps=self.recipe.train.log_every_n_steps,
                 metrics=metrics,
-                epoch_hooks=[self.exporter],
+                epoch_hooks=hooks,
                 step_hooks=step_hooks,
                 state=self.state,
                 save_state=self.states.save,
@@ -390,12 +439,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from loratk.core.loop import NonFiniteLossError
     from loratk.data.dataset import DataError
     from loratk.models.sdxl import ModelLoadError
+    from loratk.prompts import PromptError
 
     resume_cmd = f"accelerate launch -m loratk.train {args.recipe} {' '.join(args.overrides)}".strip()
     try:
         with StopRequest() as stop:
             train(recipe, overwrite=args.overwrite, stop=stop)
-    except (DataError, ModelLoadError, RunDirError, StateError, ImportError) as err:
+    except (DataError, ModelLoadError, PromptError, RunDirError, StateError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as err:
