@@ -114,6 +114,9 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     batch_size: int = Field(1, gt=0, description="images per device per step")
     gradient_accumulation_steps: int = Field(1, gt=0)
+    global_batch_size: int | None = Field(
+        None, gt=0, description="images per optimizer step over all processes; sets the accumulation steps"
+    )
     learning_rate: float = Field(1e-4, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this norm; unset = no clip")
@@ -132,6 +135,15 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(
         5, gt=0, description="stop after N optimizer steps in a row with NaN/inf loss"
     )
+
+    @model_validator(mode="after")
+    def _check_batch_settings(self) -> TrainConfig:
+        if self.global_batch_size is not None and self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "global_batch_size and gradient_accumulation_steps are both set; set only one "
+                "(global_batch_size derives the accumulation from the number of processes)"
+            )
+        return self
 
 
 class OptimConfig(_Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,32 @@ def _clear_run_outputs(run_dir: Path, name: str) -> None:
 
 
 # ---------------------------------------------------------------- builders (recipe -> plain arguments)
+
+
+def use_cpu_for_multiprocess_launch() -> bool:
+    """True for a multi-process launch (torchrun / accelerate's multi-GPU launcher) on a machine with no GPU:
+    its processes then run on the CPU with gloo, where Accelerate would start each as a lone process.
+    """
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def resolve_accumulation(recipe: Recipe, num_processes: int) -> int:
+    """Gradient accumulation steps: given directly, or derived from `train.global_batch_size`."""
+    train = recipe.train
+    if train.global_batch_size is None:
+        return train.gradient_accumulation_steps
+    per_step = train.batch_size * num_processes
+    if train.global_batch_size % per_step:
+        raise RecipeError(
+            "recipe",
+            [
+                f"train.global_batch_size: {train.global_batch_size} is not a multiple of batch_size x processes "
+                f"= {train.batch_size} x {num_processes} = {per_step}; pick a multiple of {per_step}"
+            ],
+        )
+    return train.global_batch_size // per_step
 
 
 def build_adapter(recipe: Recipe) -> Any:
@@ -188,7 +215,7 @@ class TrainingRun:
         self.resume_from: Path | None = None
 
     def setup(self) -> None:
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
         from accelerate.logging import get_logger
         from accelerate.utils import set_seed
 
@@ -200,10 +227,12 @@ class TrainingRun:
         from loratk.plan import compute_plan
 
         recipe = self.recipe
+        cpu = use_cpu_for_multiprocess_launch()
         self.logger = get_logger("loratk.train")
         self.accelerator = accelerator = Accelerator(
+            cpu=cpu,
             mixed_precision=recipe.train.mixed_precision,
-            gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+            gradient_accumulation_steps=resolve_accumulation(recipe, PartialState(cpu=cpu).num_processes),
             log_with=recipe.train.report_to or None,
             project_dir=str(self.run_dir),
             step_scheduler_with_optimizer=False,
@@ -260,7 +289,7 @@ class TrainingRun:
             num_examples=len(self.dataset),
             batches_per_epoch=len(self.dataloader),
             per_device_batch=recipe.train.batch_size,
-            gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+            gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
             num_processes=accelerator.num_processes,
             epochs=recipe.train.epochs,
             max_steps=recipe.train.max_steps,
