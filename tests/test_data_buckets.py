@@ -98,12 +98,18 @@ def test_no_upscale_gives_small_images_their_own_bucket():
     assert assign_bucket((700, 500), buckets, no_upscale=True) == (640, 448)
     assert assign_bucket((700, 500), buckets) == (1216, 832)
     assert assign_bucket((3000, 2000), buckets, no_upscale=True) == assign_bucket((3000, 2000), buckets)
-    transform = compute_transform((700, 500), (640, 448), center_crop=True, random_flip=False, rng=random.Random(0))
+    transform = compute_transform(
+        (700, 500), (640, 448), center_crop=True, random_flip=False, rng=random.Random(0)
+    )
     assert transform.resized[0] <= 700 and transform.resized[1] <= 500  # only ever cropped
 
 
 def test_bucket_histogram():
-    assert count_buckets([(64, 64), (80, 48), (64, 64), (48, 80)]) == [((48, 80), 1), ((64, 64), 2), ((80, 48), 1)]
+    assert count_buckets([(64, 64), (80, 48), (64, 64), (48, 80)]) == [
+        ((48, 80), 1),
+        ((64, 64), 2),
+        ((80, 48), 1),
+    ]
 
 
 def test_flip_mirrors_the_crop_offset_seen_by_the_time_ids():
@@ -116,7 +122,10 @@ def test_flip_mirrors_the_crop_offset_seen_by_the_time_ids():
 def test_transforms_are_a_pure_function_of_the_rng_seed():
     def draw(seed):
         rng = random.Random(seed)
-        return [compute_transform((300, 200), (64, 64), center_crop=False, random_flip=True, rng=rng) for _ in range(20)]
+        return [
+            compute_transform((300, 200), (64, 64), center_crop=False, random_flip=True, rng=rng)
+            for _ in range(20)
+        ]
 
     assert draw("7-3-1") == draw("7-3-1")
     transforms = draw("7-3-1")

@@ -33,9 +33,9 @@ def _image(folder: Path, name: str) -> Path:
 @pytest.mark.parametrize(
     "content, kind, reason",
     [
-        (None, "missing", "caption file is missing"),
-        (b"", "empty", "caption is empty"),
-        (b"  \n\t \r\n", "empty", "caption is empty"),
+        (None, "caption_missing", "caption file is missing"),
+        (b"", "caption_empty", "caption is empty"),
+        (b"  \n\t \r\n", "caption_empty", "caption is empty"),
     ],
 )
 def test_missing_empty_or_whitespace_sidecar_is_reported(tmp_path, content, kind, reason):
@@ -51,10 +51,10 @@ def test_missing_empty_or_whitespace_sidecar_is_reported(tmp_path, content, kind
 
 def test_non_utf8_sidecar_is_reported_with_the_byte_offset(tmp_path):
     image = _image(tmp_path, "a.png")
-    (tmp_path / "a.txt").write_bytes("caf".encode() + b"\xe9 au lait")  # latin-1 'é'
+    (tmp_path / "a.txt").write_bytes(b"caf" + b"\xe9 au lait")  # latin-1 'é'
     with pytest.raises(CaptionError) as info:
         read_sidecar_caption(image)
-    assert info.value.kind == "not_utf8"
+    assert info.value.kind == "caption_not_utf8"
     assert "byte offset 3" in str(info.value) and "0xe9" in str(info.value) and "UTF-8" in info.value.fix
 
 
@@ -93,7 +93,7 @@ def test_manifest_problems_are_reported_with_line_numbers(tmp_path):
     )
     assert results[folder / "a.png"].text == "a red sun"
     empty = results[folder / "c.png"].error
-    assert empty is not None and empty.kind == "empty" and empty.line == 10
+    assert empty is not None and empty.kind == "caption_empty" and empty.line == 10
 
 
 @pytest.mark.parametrize(
@@ -157,7 +157,10 @@ def test_metadata_jsonl_is_read_with_datasets_imagefolder(tmp_path):
     )
     metadata = read_metadata_jsonl(folder)
     assert metadata is not None and not metadata.problems
-    assert {p.name: e.text for p, e in metadata.entries.items()} == {"a.png": "first caption", "b.png": "second"}
+    assert {p.name: e.text for p, e in metadata.entries.items()} == {
+        "a.png": "first caption",
+        "b.png": "second",
+    }
     assert read_metadata_jsonl(tmp_path) is None  # no metadata.jsonl
 
 
@@ -202,7 +205,7 @@ def test_caption_source_precedence(tmp_path, source, expected):
     results, notes = resolve_captions(subset, images, manifest, metadata)
     assert [results[p].text for p in images] == expected
     missing = results[images[3]].error
-    assert missing is not None and missing.kind == "missing" and "loratk caption" in missing.fix
+    assert missing is not None and missing.kind == "caption_missing" and "loratk caption" in missing.fix
     if source == "auto":
         assert [results[p].source for p in images[:3]] == ["manifest", "metadata", "sidecar"]
         assert "2 sidecar .txt caption(s) are not used" in notes[0]

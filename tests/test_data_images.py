@@ -145,7 +145,9 @@ def test_image_smaller_than_min_side_is_reported(tmp_path):
     Image.new("RGB", (30, 50)).save(path)
     with pytest.raises(ImageLoadError) as info:
         check_min_side(path, load_image(path).size, 32)
-    assert info.value.kind == "too_small" and "30x50" in str(info.value) and "data.min_side" in str(info.value)
+    assert (
+        info.value.kind == "too_small" and "30x50" in str(info.value) and "data.min_side" in str(info.value)
+    )
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -153,7 +155,9 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -29,7 +29,7 @@ class CaptionError(ValueError):
         fix: str,
         *,
         line: int | None = None,
-        kind: str = "caption",
+        kind: str = "caption_unreadable",
     ):
         self.path = str(path)
         self.reason = reason
@@ -78,7 +78,7 @@ def read_sidecar_caption(image_path: str | os.PathLike, ext: str = ".txt") -> st
             path,
             "caption file is missing",
             f"write one, or run `loratk caption {Path(image_path).parent}`",
-            kind="missing",
+            kind="caption_missing",
         ) from None
     except OSError as err:
         raise CaptionError(path, f"cannot read it ({err.strerror or err})", "check permissions") from None
@@ -89,12 +89,12 @@ def read_sidecar_caption(image_path: str | os.PathLike, ext: str = ".txt") -> st
             path,
             f"not UTF-8 (bad byte 0x{data[err.start]:02x} at byte offset {err.start})",
             "re-save it as UTF-8",
-            kind="not_utf8",
+            kind="caption_not_utf8",
         ) from None
     text = normalise_caption(text)
     if not text:
         raise CaptionError(
-            path, "caption is empty", "write a caption into it, or remove the image", kind="empty"
+            path, "caption is empty", "write a caption into it, or remove the image", kind="caption_empty"
         )
     return text
 
@@ -294,8 +294,8 @@ def _entry_result(manifest: Manifest, image: Path, source: str) -> CaptionResult
             f"caption for {image.name} is empty",
             "write a caption on that line",
             line=entry.line,
+            kind="caption_empty",
         )
-        error.kind = "empty"
         return CaptionResult(None, source, error)
     return CaptionResult(entry.text, source)
 
@@ -360,7 +360,7 @@ def _missing_caption(
         where,
         f"caption file is missing ({', '.join(looked)})" if looked else "caption is missing",
         f"write one, or run `loratk caption {subset.dir}`",
-        kind="missing",
+        kind="caption_missing",
     )
 
 
