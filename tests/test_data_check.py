@@ -217,3 +217,13 @@ def test_preflight_spec_defaults_scale_with_the_resolution(tmp_path):
     assert spec.effective_min_side == 16
     report = run_preflight(spec)
     assert not report.has_errors and {r.bucket for r in report.images} == {(64, 64)}
+
+
+def test_two_subsets_over_one_folder_get_their_own_reports():
+    spec = DataSpec(
+        subsets=(Subset(EXAMPLES, trigger="ta"), Subset(EXAMPLES, trigger="tb", repeats=2)),
+        resolution=(64, 64),
+    )
+    report = run_preflight(spec)
+    assert len(report.images) == 12 and not report.has_errors
+    assert {r.caption.split(",")[0] for r in report.images} == {"ta", "tb"}

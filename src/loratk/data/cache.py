@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -277,7 +276,3 @@ def build_text_cache(
                 cache.save(text, embeds[i], pooled[i])
             bar.update(len(batch))
     return CacheStats(total=len(unique), reused=len(unique) - len(missing), built=len(mine))
-
-
-def describe_cache(cache: Any) -> str:
-    return f"{cache.folder}"

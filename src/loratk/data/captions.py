@@ -11,7 +11,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -401,11 +401,3 @@ def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random, trigger: st
 def tag_shuffle_variant(caption: str, keep_tokens: int, variant: int, trigger: str | None = None) -> str:
     """Shuffled variant number `variant` of a caption: a pure function of (caption, variant)."""
     return shuffle_tags(caption, keep_tokens, random.Random(f"tags-{variant}-{caption}"), trigger)
-
-
-def count_tags(captions: Iterable[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for caption in captions:
-        for tag in split_tags(caption):
-            counts[tag] = counts.get(tag, 0) + 1
-    return counts

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,6 @@ from PIL import Image
 from loratk.data.buckets import Size, assign_bucket, compute_buckets, count_buckets
 from loratk.data.captions import (
     METADATA_FILE,
-    CaptionError,
     Manifest,
     Subset,
     apply_trigger_word,
@@ -284,7 +283,6 @@ def run_preflight(
     max_distance: int = 6,
     workers: int | None = None,
     progress: bool = False,
-    on_image: Callable[[ImageReport], None] | None = None,
 ) -> DataReport:
     """Check every subset: folders, manifests, images (full decode), captions, buckets, near-duplicates."""
     report = DataReport(spec=spec)
@@ -295,7 +293,7 @@ def run_preflight(
             f"data buckets: {err}; adjust data.bucket_min_side / bucket_max_side / bucket_step"
         )
         return report
-    jobs: list[tuple[Path, Subset]] = []
+    jobs: list[tuple[Path, str]] = []
     plans: list[tuple[Subset, list[Path], Manifest | None, Manifest | None]] = []
     for subset in spec.subsets:
         folder = Path(subset.dir)
@@ -322,24 +320,25 @@ def run_preflight(
             )
             continue
         plans.append((subset, images, manifest, metadata))
-        jobs.extend((path, subset) for path in images)
+        jobs.extend((path, str(subset.dir)) for path in images)
 
     workers = workers or min(8, os.cpu_count() or 1)
     from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda job: _inspect(job[0], str(job[1].dir), spec, perceptual_hash), jobs)
-        by_path: dict[tuple[Path, str], ImageReport] = {}
-        for image in tqdm(results, total=len(jobs), desc="check images", unit="img", disable=not progress):
-            by_path[(image.path, image.subset)] = image
-            if on_image is not None:
-                on_image(image)
+        results = pool.map(lambda job: _inspect(job[0], job[1], spec, perceptual_hash), jobs)
+        inspected = list(
+            tqdm(results, total=len(jobs), desc="check images", unit="img", disable=not progress)
+        )
+
+    # Two subsets may share a folder (e.g. two manifests over one set of images): each gets its own reports.
+    position = 0
 
     for subset, images, manifest, metadata in plans:
         captions, notes = resolve_captions(subset, images, manifest, metadata)
         report.warnings.extend(notes)
         for path in images:
-            image = by_path[(path, str(subset.dir))]
+            image, position = inspected[position], position + 1
             result = captions[path]
             image.caption_source = result.source
             if result.error is not None:
@@ -558,19 +557,3 @@ def quarantine_bad_images(report: DataReport, destination: Path) -> list[tuple[P
             shutil.move(str(sidecar), str(sidecar_target))
             moved.append((sidecar, sidecar_target))
     return moved
-
-
-__all__ = [
-    "CaptionError",
-    "DataReport",
-    "DataSpec",
-    "ImageReport",
-    "Problem",
-    "compute_perceptual_hash",
-    "find_near_duplicates",
-    "format_summary",
-    "quarantine_bad_images",
-    "render_csv",
-    "run_preflight",
-    "write_report_csv",
-]
