@@ -219,7 +219,9 @@ def test_preflight_spec_defaults_scale_with_the_resolution(tmp_path):
     assert not report.has_errors and {r.bucket for r in report.images} == {(64, 64)}
 
 
-def test_two_subsets_over_one_folder_get_their_own_reports():
+def test_two_subsets_over_one_folder_get_their_own_reports(tmp_path):
+    from loratk.train import build_dataset
+
     spec = DataSpec(
         subsets=(Subset(EXAMPLES, trigger="ta"), Subset(EXAMPLES, trigger="tb", repeats=2)),
         resolution=(64, 64),
@@ -227,3 +229,7 @@ def test_two_subsets_over_one_folder_get_their_own_reports():
     report = run_preflight(spec)
     assert len(report.images) == 12 and not report.has_errors
     assert {r.caption.split(",")[0] for r in report.images} == {"ta", "tb"}
+    recipe = make_recipe(tmp_path, "m", EXAMPLES)
+    dataset = build_dataset(recipe, report)
+    assert len(dataset) == 6 + 2 * 6  # repeats follow each subset, not each folder
+    assert sum(r.caption.startswith("tb, ") for r in dataset.records) == 12

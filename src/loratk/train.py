@@ -132,8 +132,7 @@ def build_dataset(recipe: Recipe, report: Any = None) -> Any:
     from loratk.data.dataset import ImageCaptionDataset, Record
 
     report = report if report is not None else check_data(recipe)
-    repeats = {str(s.dir): s.repeats for s in report.spec.subsets}
-    triggers = {str(s.dir): s.trigger for s in report.spec.subsets}
+    subsets = report.spec.subsets
     records = [
         Record(
             path=image.path,
@@ -142,10 +141,10 @@ def build_dataset(recipe: Recipe, report: Any = None) -> Any:
             bucket=image.bucket,
             sha256=image.sha256,
             subset=image.subset,
-            trigger=triggers[image.subset],
+            trigger=subsets[image.subset_index].trigger,
         )
         for image in report.good
-        for _ in range(repeats[image.subset])
+        for _ in range(subsets[image.subset_index].repeats)
     ]
     data = recipe.data
     return ImageCaptionDataset(

@@ -112,7 +112,8 @@ class Problem:
 @dataclass
 class ImageReport:
     path: Path
-    subset: str
+    subset: str  # the folder, as the recipe names it
+    subset_index: int = 0  # position in DataSpec.subsets (two subsets may share a folder)
     width: int | None = None
     height: int | None = None
     format: str = ""
@@ -294,8 +295,8 @@ def run_preflight(
         )
         return report
     jobs: list[tuple[Path, str]] = []
-    plans: list[tuple[Subset, list[Path], Manifest | None, Manifest | None]] = []
-    for subset in spec.subsets:
+    plans: list[tuple[int, Subset, list[Path], Manifest | None, Manifest | None]] = []
+    for subset_index, subset in enumerate(spec.subsets):
         folder = Path(subset.dir)
         if not folder.is_dir():
             report.problems.append(
@@ -319,7 +320,7 @@ def run_preflight(
                 f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); put training images there"
             )
             continue
-        plans.append((subset, images, manifest, metadata))
+        plans.append((subset_index, subset, images, manifest, metadata))
         jobs.extend((path, str(subset.dir)) for path in images)
 
     workers = workers or min(8, os.cpu_count() or 1)
@@ -334,11 +335,12 @@ def run_preflight(
     # Two subsets may share a folder (e.g. two manifests over one set of images): each gets its own reports.
     position = 0
 
-    for subset, images, manifest, metadata in plans:
+    for subset_index, subset, images, manifest, metadata in plans:
         captions, notes = resolve_captions(subset, images, manifest, metadata)
         report.warnings.extend(notes)
         for path in images:
             image, position = inspected[position], position + 1
+            image.subset_index = subset_index
             result = captions[path]
             image.caption_source = result.source
             if result.error is not None:
