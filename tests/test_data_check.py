@@ -88,7 +88,7 @@ def test_check_reports_every_problem_and_writes_the_csv(tmp_path, capsys):
     assert "caption missing                        1" in out
     assert "caption empty or whitespace            1" in out
     assert "caption not UTF-8                      1" in out
-    assert "Buckets (" in out and "Near-duplicates" in out and "boat-copy.jpg" in out
+    assert "Buckets of the usable images (" in out and "Near-duplicates" in out and "boat-copy.jpg" in out
     assert "content is PNG but the name ends in .jpg" in out and "stray.dat: ignored" in out
     assert "Result: 7 error(s)" in out
 

@@ -111,7 +111,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         moved = quarantine_bad_images(report, Path(args.quarantine))
     csv_path = Path(args.report) if args.report else default_csv
     write_report_csv(report.images, csv_path)
-    print(format_summary(report, csv_path=csv_path))
+    print(format_summary(report, csv_path=csv_path, quarantined=bool(moved)))
     remaining = len(report.problems) + sum(1 for r in report.bad if not r.moved_to)
     if moved:
         print(f"Quarantine: moved {len(moved)} file(s) to {args.quarantine} (nothing was deleted).")

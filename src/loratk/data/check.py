@@ -403,7 +403,9 @@ def _problem_kind_counts(report: DataReport) -> tuple[Counter, Counter]:
     return images, captions
 
 
-def format_summary(report: DataReport, *, csv_path: Path | None = None, max_lines: int = 50) -> str:
+def format_summary(
+    report: DataReport, *, csv_path: Path | None = None, max_lines: int = 50, quarantined: bool = False
+) -> str:
     """A plain-text report: counts, bad images by reason, captions, bucket histogram, duplicates, problems."""
     spec = report.spec
     lines: list[str] = []
@@ -440,14 +442,14 @@ def format_summary(report: DataReport, *, csv_path: Path | None = None, max_line
     if extra:
         lines.append(f"  {'other caption problems':<{width}}{extra:>6}")
 
-    assigned = [r.bucket for r in report.images if r.bucket is not None]
+    assigned = [r.bucket for r in report.good if r.bucket is not None]  # the images that would train
     mode = (
         f"{len(report.buckets)} bucket(s), area {spec.resolution[0]}x{spec.resolution[1]}, step {spec.bucket_step}"
         + (", no upscale" if spec.bucket_no_upscale else "")
         if spec.buckets
         else f"buckets off: every image is resized and cropped to {spec.resolution[0]}x{spec.resolution[1]}"
     )
-    lines.append(f"Buckets ({mode})")
+    lines.append(f"Buckets of the usable images ({mode})")
     histogram = count_buckets(assigned)
     peak = max((n for _, n in histogram), default=1)
     for (w, h), n in histogram:
@@ -474,7 +476,9 @@ def format_summary(report: DataReport, *, csv_path: Path | None = None, max_line
             lines.append(f"  ... {len(report.warnings) - max_lines} more")
     if csv_path is not None:
         lines.append(f"Report: {csv_path}")
-    if errors:
+    if errors and quarantined:
+        lines.append(f"Result: {len(errors)} error(s) found; the bad images were moved (see below).")
+    elif errors:
         lines.append(
             f"Result: {len(errors)} error(s). Fix them, move bad files away with --quarantine DIR, "
             'or train with data.on_bad_image = "skip".'
