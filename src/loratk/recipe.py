@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,16 +58,65 @@ class ModelConfig(_Section):
     )
 
 
+CaptionSource = Literal["auto", "sidecar", "manifest", "metadata"]
+
+
+def _check_caption_ext(value: str | None) -> str | None:
+    if value is not None and not value.startswith("."):
+        raise ValueError(f"must start with '.', got {value!r} (did you mean '.{value}'?)")
+    return value
+
+
+class SubsetConfig(_Section):
+    """One image folder in `[[data.subsets]]`; unset keys take their value from `[data]`."""
+
+    dir: str = Field(..., description="folder of training images")
+    caption_source: CaptionSource | None = Field(None, description="default: data.caption_source")
+    manifest: str | None = Field(None, description="captions/<set>.jsonl manifest for this folder")
+    caption_ext: str | None = Field(None, description="default: data.caption_ext")
+    repeats: int | None = Field(None, ge=1, description="default: data.repeats")
+    trigger: str | None = Field(None, description="default: data.trigger")
+
+    @field_validator("caption_ext")
+    @classmethod
+    def _check_ext(cls, value: str | None) -> str | None:
+        return _check_caption_ext(value)
+
+
 class DataConfig(_Section):
-    dir: str = Field(..., description="folder of training images with sidecar captions")
+    dir: str | None = Field(None, description="folder of training images (the one-subset shorthand)")
+    subsets: list[SubsetConfig] = Field(
+        default_factory=list, description="several folders, each its own keys"
+    )
+    caption_source: CaptionSource = Field("auto", description="auto = manifest > metadata.jsonl > sidecar")
+    manifest: str | None = Field(None, description="captions/<set>.jsonl with file_name/text lines")
     caption_ext: str = ".txt"
+    trigger: str | None = Field(None, description="word put once at the front of every caption")
+    repeats: int = Field(1, ge=1)
     resolution: int | tuple[int, int] = Field(
-        1024, description="square side, or [width, height] of the training size"
+        1024, description="square side, or [width, height]: the training size and the bucket area"
+    )
+    buckets: bool = Field(True, description="aspect-ratio buckets; false = every image cropped to resolution")
+    bucket_step: int = Field(64, description="bucket sides are multiples of this (>= 8, a multiple of 8)")
+    bucket_min_side: int | None = Field(None, ge=8, description="default: half the square side of the area")
+    bucket_max_side: int | None = Field(None, ge=8, description="default: twice the square side of the area")
+    bucket_no_upscale: bool = Field(
+        False, description="small images get their own bucket instead of upscaling"
     )
     center_crop: bool = True
     random_flip: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
-    repeats: int = Field(1, ge=1)
+    shuffle_tags: bool = Field(False, description="shuffle comma-separated tags per step")
+    keep_tokens: int = Field(0, ge=0, description="leading tags that shuffle_tags keeps in place")
+    tag_shuffle_variants: int = Field(
+        0, ge=0, description="N fixed shuffles per caption (cacheable); 0 = free"
+    )
+    min_side: int | None = Field(None, ge=1, description="smaller images are errors; default resolution / 4")
+    max_pixels: int = Field(64_000_000, ge=1, description="larger images are refused from their header")
+    on_bad_image: Literal["error", "skip"] = Field("error", description="skip = train on the good images")
+    cache_latents: bool = Field(True, description="encode each (image, bucket, crop, flip) once with the VAE")
+    cache_text_embeddings: bool = Field(True, description="encode each caption once (frozen text encoders)")
+    cache_dir: str | None = Field(None, description="default: $LORATK_CACHE/data (~/.cache/loratk/data)")
     num_workers: int = Field(0, ge=0)
 
     @field_validator("resolution")
@@ -79,12 +129,58 @@ class DataConfig(_Section):
         """(width, height) of training images."""
         return _as_size(self.resolution)
 
+    @field_validator("bucket_step")
+    @classmethod
+    def _check_step(cls, value: int) -> int:
+        if value < 8 or value % 8:
+            raise ValueError(f"must be a multiple of 8 and >= 8, got {value}")
+        return value
+
     @field_validator("caption_ext")
     @classmethod
     def _check_ext(cls, value: str) -> str:
-        if not value.startswith("."):
-            raise ValueError(f"must start with '.', got {value!r} (did you mean '.{value}'?)")
-        return value
+        return _check_caption_ext(value) or value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> DataConfig:
+        # Messages name keys relative to [data]; the error line starts with "data: ".
+        problems = []
+        if self.dir is None and not self.subsets:
+            problems.append("set dir (one image folder) or add [[data.subsets]] (several folders)")
+        if self.dir is not None and self.subsets:
+            problems.append("dir and [[data.subsets]] are both set; move dir into a subset")
+        if self.subsets and self.manifest is not None:
+            problems.append("manifest is set next to [[data.subsets]]; set manifest inside each subset")
+        for i, subset in enumerate(self.subsets or [self]):
+            where = f"subsets[{i}]." if self.subsets else ""
+            source = subset.caption_source or self.caption_source
+            if source == "manifest" and subset.manifest is None:
+                problems.append(
+                    f"{where}caption_source = 'manifest' needs {where}manifest = 'captions/<set>.jsonl'"
+                )
+            if subset.manifest is not None and source in ("sidecar", "metadata"):
+                problems.append(f"{where}manifest is set but caption_source = {source!r} never reads it")
+        # Compared with the defaults, not with the keys given, so a resolved recipe (every key written) loads.
+        if not self.buckets:
+            defaults = {
+                "bucket_step": 64,
+                "bucket_min_side": None,
+                "bucket_max_side": None,
+                "bucket_no_upscale": False,
+            }
+            unused = [k for k, v in defaults.items() if getattr(self, k) != v]
+            if unused:
+                problems.append(f"{', '.join(unused)}: no effect with buckets = false")
+        low, high = self.bucket_min_side, self.bucket_max_side
+        if low is not None and high is not None and low > high:
+            problems.append(f"bucket_min_side ({low}) is larger than bucket_max_side ({high})")
+        if not self.shuffle_tags:
+            unused = [k for k in ("keep_tokens", "tag_shuffle_variants") if getattr(self, k)]
+            if unused:
+                problems.append(f"{', '.join(unused)}: only used with shuffle_tags = true")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class LoraConfig(_Section):
@@ -365,8 +461,12 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     """The field names the schema allows at `loc` (the location of the offending key's parent)."""
     model: type[BaseModel] = Recipe
     for part in loc:
+        if isinstance(part, int):  # an index into a list of sections, e.g. data.subsets[0]
+            continue
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
+        if typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
@@ -384,7 +484,7 @@ def _describe(error: dict[str, Any]) -> str:
     loc = tuple(
         p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"int", "float", "str", "list"}))
     )
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
     kind = error["type"]
     ctx = error.get("ctx", {})
     given = error.get("input")

@@ -115,18 +115,49 @@ def build_objective(recipe: Recipe, model: Any, *, device: Any, weight_dtype: An
     return CaptionObjective(denoiser)
 
 
-def build_dataset(recipe: Recipe) -> Any:
-    from loratk.data.dataset import ImageCaptionDataset, Record, scan_image_folder
+def build_data_spec(recipe: Recipe) -> Any:
+    """The recipe's [data] section as the plain values the preflight and the dataset take."""
+    from loratk.data.captions import Subset
+    from loratk.data.check import DataSpec
 
-    records = scan_image_folder(recipe.data.dir, recipe.data.caption_ext)
-    records = [r for r in records for _ in range(recipe.data.repeats)]
-    return ImageCaptionDataset(
-        [Record(r.path, r.caption) for r in records],
-        recipe.data.size,
-        center_crop=recipe.data.center_crop,
-        random_flip=recipe.data.random_flip,
-        caption_dropout=recipe.data.caption_dropout,
-        seed=recipe.seed,
+    data = recipe.data
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value is not None else None
+
+    if data.dir is not None:
+        subsets = [
+            Subset(
+                Path(data.dir),
+                data.caption_source,
+                path(data.manifest),
+                data.caption_ext,
+                data.repeats,
+                data.trigger,
+            )
+        ]
+    else:
+        subsets = [
+            Subset(
+                dir=Path(s.dir),
+                caption_source=s.caption_source or data.caption_source,
+                manifest=path(s.manifest),
+                caption_ext=s.caption_ext or data.caption_ext,
+                repeats=s.repeats or data.repeats,
+                trigger=s.trigger if s.trigger is not None else data.trigger,
+            )
+            for s in data.subsets
+        ]
+    return DataSpec(
+        subsets=tuple(subsets),
+        resolution=data.size,
+        buckets=data.buckets,
+        bucket_step=data.bucket_step,
+        bucket_min_side=data.bucket_min_side,
+        bucket_max_side=data.bucket_max_side,
+        bucket_no_upscale=data.bucket_no_upscale,
+        min_side=data.min_side,
+        max_pixels=data.max_pixels,
     )
 
 
@@ -170,12 +201,172 @@ def build_sampler(recipe: Recipe, model: Any, prompts: list[Any], num_epochs: in
     )
 
 
+def check_data(recipe: Recipe, *, progress: bool = False) -> Any:
+    """Run the data preflight (no model); raise `DataError` with every problem unless they may be skipped."""
+    from loratk.data.check import run_preflight
+    from loratk.data.dataset import DataError
+
+    report = run_preflight(build_data_spec(recipe), progress=progress)
+    fatal = report.problems + (
+        [] if recipe.data.on_bad_image == "skip" else report.error_lines[len(report.problems) :]
+    )
+    if fatal:
+        hint = "run `loratk check` on the recipe for the full report"
+        if not report.problems:
+            hint += ', or set data.on_bad_image = "skip" to train on the good images only'
+        raise DataError(fatal, hint=hint)
+    if not report.good:
+        raise DataError(
+            [f"no usable image: all {len(report.images)} have problems"], hint="run `loratk check`"
+        )
+    return report
+
+
+def build_dataset(recipe: Recipe, report: Any = None) -> Any:
+    """The training dataset from the good images of a preflight report (run here if not given)."""
+    from loratk.data.dataset import ImageCaptionDataset, Record
+
+    report = report if report is not None else check_data(recipe)
+    subsets = report.spec.subsets
+    records = [
+        Record(
+            path=image.path,
+            caption=image.caption,
+            size=image.size,
+            bucket=image.bucket,
+            sha256=image.sha256,
+            subset=image.subset,
+            trigger=subsets[image.subset_index].trigger,
+        )
+        for image in report.good
+        for _ in range(subsets[image.subset_index].repeats)
+    ]
+    data = recipe.data
+    return ImageCaptionDataset(
+        records,
+        data.size,
+        center_crop=data.center_crop,
+        random_flip=data.random_flip,
+        caption_dropout=data.caption_dropout,
+        seed=recipe.seed,
+        shuffle_tags=data.shuffle_tags,
+        keep_tokens=data.keep_tokens,
+        tag_shuffle_variants=data.tag_shuffle_variants,
+        max_pixels=data.max_pixels,
+    )
+
+
+def text_cache_off_reason(recipe: Recipe) -> str | None:
+    """Why text embeddings cannot be cached for this recipe, or None if they can."""
+    data = recipe.data
+    if not data.cache_text_embeddings:
+        return "data.cache_text_embeddings = false"
+    if recipe.lora.train_text_encoders:
+        return "lora.train_text_encoders = true, so their outputs change every step"
+    if data.shuffle_tags and not data.tag_shuffle_variants:
+        return (
+            "data.shuffle_tags = true gives every step a new tag order; set data.tag_shuffle_variants = N "
+            "to cache N fixed shuffles per caption instead"
+        )
+    return None
+
+
+def build_data_caches(
+    recipe: Recipe, dataset: Any, denoiser: Any, model: Any, accelerator: Any, epochs: int, stop: Any = None
+) -> None:
+    """Fill the latent and text-embedding caches for every epoch to run, then point the dataset at them."""
+    from accelerate.logging import get_logger
+
+    from loratk.data.cache import (
+        LatentCache,
+        TextEmbeddingCache,
+        build_latent_cache,
+        build_text_cache,
+        compute_module_fingerprint,
+        default_data_cache_dir,
+    )
+
+    logger = get_logger("loratk.train")
+    data = recipe.data
+    root = Path(data.cache_dir) if data.cache_dir else default_data_cache_dir()
+    main = accelerator.is_main_process
+    shard = dict(
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        progress=main,
+        should_stop=(lambda: stop.requested) if stop is not None else None,
+    )
+    epoch_range = range(1, epochs + 1)
+    latents = text = None
+    if data.cache_latents:
+        vae = model.vae
+        latents = LatentCache(
+            root,
+            compute_module_fingerprint([vae], extra=f"vae|{vae.dtype}"),
+            recipe.model.vae or recipe.model.path,
+        )
+        if not data.center_crop:
+            logger.info(
+                f"latent cache with random crops: every crop drawn for epochs 1..{epochs} is encoded once; "
+                "data.center_crop = true needs at most two entries per image (flipped or not)",
+                main_process_only=True,
+            )
+        stats = build_latent_cache(
+            latents,
+            dataset.latent_requests(epoch_range),
+            denoiser.encode_latent_dist,
+            max_pixels=data.max_pixels,
+            **shard,
+        )
+        logger.info(f"latent cache {latents.folder}: {stats.describe()}", main_process_only=True)
+    else:
+        logger.info(
+            "latent cache off (data.cache_latents = false): the VAE encodes every batch",
+            main_process_only=True,
+        )
+    reason = text_cache_off_reason(recipe)
+    if reason is None:
+        tokenizers = "|".join(
+            f"{type(t).__name__}:{len(t)}:{t.model_max_length}:{_vocab_digest(t)}" for t in model.tokenizers
+        )
+        text = TextEmbeddingCache(
+            root,
+            compute_module_fingerprint(list(model.text_encoders), extra=f"text|{tokenizers}"),
+            recipe.model.path,
+        )
+        stats = build_text_cache(text, dataset.caption_texts(epoch_range), denoiser.encode_captions, **shard)
+        logger.info(f"text-embedding cache {text.folder}: {stats.describe()}", main_process_only=True)
+    else:
+        logger.info(f"text-embedding cache off: {reason}", main_process_only=True)
+    accelerator.wait_for_everyone()
+    dataset.use_caches(latents=latents, text=text)
+
+
+def _vocab_digest(tokenizer: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def describe_buckets(dataset: Any) -> str:
+    from loratk.data.buckets import count_buckets
+
+    unique = {r.path: r for r in dataset.records}
+    histogram = count_buckets(dataset.bucket_of(i) for i in range(len(dataset)))
+    parts = ", ".join(f"{w}x{h}: {n}" for (w, h), n in histogram)
+    return f"{len(unique)} images, {len(dataset)} items per epoch in {len(histogram)} bucket(s) ({parts})"
+
+
 def _export_metadata(recipe: Recipe, dataset: Any, plan: Any) -> Any:
     import loratk
     from loratk.export.formats import build_kohya_metadata, compute_tag_frequency
 
-    unique = {r.path: r.caption for r in dataset.records}
-    tags = compute_tag_frequency({Path(recipe.data.dir).name: list(unique.values())})
+    unique = {r.path: r for r in dataset.records}
+    by_subset: dict[str, list[str]] = {}
+    for record in unique.values():
+        by_subset.setdefault(Path(record.subset).name, []).append(record.caption)
+    tags = compute_tag_frequency(by_subset)
     recipe_toml = dump_recipe(recipe)
 
     def metadata(epoch: int, global_step: int) -> dict[str, str]:
@@ -239,14 +430,18 @@ class TrainingRun:
         )
         set_seed(recipe.seed)
 
-        # Data and prompt-file problems surface before any model is loaded.
-        self.dataset = build_dataset(recipe)
+        # Data and prompt-file problems surface before any model is loaded: every image is decoded, every
+        # caption read.
+        report = check_data(recipe, progress=accelerator.is_main_process)
+        self.dataset = build_dataset(recipe, report)
         sample_prompts = load_sample_prompts(recipe)
         if accelerator.is_main_process:
             self.lock = RunLock(self.run_dir)
             self.lock.acquire()
             self._prepare_run_dir()
             atomic_write_text(self.run_dir / "recipe.resolved.toml", dump_recipe(recipe))
+            self._write_skipped(report)
+            self.logger.info(f"data: {describe_buckets(self.dataset)}", main_process_only=True)
         accelerator.wait_for_everyone()
         self.candidates = self._resume_candidates()
 
@@ -309,6 +504,16 @@ class TrainingRun:
             self.model.replace(**dict(zip(trainables, self.modules, strict=True))),
             device=accelerator.device,
             weight_dtype=self.weight_dtype,
+        )
+        # Caches need the VAE and text encoders, and the plan's epoch count (crops and flips are per epoch).
+        build_data_caches(
+            recipe,
+            self.dataset,
+            self.objective.denoiser,
+            self.model,
+            accelerator,
+            self.plan.num_epochs,
+            self.stop,
         )
         self.exporter = EpochExporter(
             adapter=self.adapter,
@@ -432,6 +637,20 @@ class TrainingRun:
         )
         return result
 
+    def _write_skipped(self, report: Any) -> None:
+        from loratk.data.check import SKIPPED_COLUMNS, write_report_csv
+
+        path = self.run_dir / "skipped.csv"
+        if self.recipe.data.on_bad_image != "skip":
+            path.unlink(missing_ok=True)
+            return
+        write_report_csv(report.bad, path, SKIPPED_COLUMNS)
+        if report.bad:
+            self.logger.warning(
+                f"skipped {len(report.bad)} image(s) with problems (data.on_bad_image = 'skip'); list: {path}",
+                main_process_only=True,
+            )
+
     def cleanup(self) -> None:
         if hasattr(self, "accelerator"):
             self.accelerator.end_training()
@@ -466,6 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from loratk.core.checkpoint import OutputWriteError, StateError
     from loratk.core.interrupts import StopRequest, TrainingInterrupted
     from loratk.core.loop import NonFiniteLossError
+    from loratk.data.cache import CacheError
     from loratk.data.dataset import DataError
     from loratk.models.sdxl import ModelLoadError
     from loratk.prompts import PromptError
@@ -474,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with StopRequest() as stop:
             train(recipe, overwrite=args.overwrite, stop=stop)
-    except (DataError, ModelLoadError, PromptError, RunDirError, StateError, ImportError) as err:
+    except (DataError, CacheError, ModelLoadError, PromptError, RunDirError, StateError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as err:

@@ -1,24 +1,108 @@
-"""Resize-and-crop geometry and a seedable batch sampler (pure; no images are touched here)."""
+"""Aspect-ratio buckets, resize-and-crop geometry and a seedable batch sampler (pure; no pixels here).
+
+Every random choice takes an explicit `random.Random`, seeded by the caller from (seed, epoch, index), so
+a given (seed, epoch) always replays the same batches, crops and flips: exact resume depends on it.
+"""
 
 from __future__ import annotations
 
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+
+Size = tuple[int, int]  # (width, height)
+
+
+# ---------------------------------------------------------------- bucket generation and assignment
+
+
+def default_bucket_sides(area: int, step: int) -> tuple[int, int]:
+    """(min_side, max_side) when the recipe leaves them unset: half and twice the square side, on the step.
+
+    For 1024x1024 at step 64 that is 512..2048, the range SDXL was trained on.
+    """
+    side = math.sqrt(area)
+    low = max(step, int(side / 2) // step * step)
+    high = max(low, int(side * 2) // step * step)
+    return low, high
+
+
+def compute_buckets(
+    target: Size,
+    *,
+    step: int = 64,
+    min_side: int | None = None,
+    max_side: int | None = None,
+) -> list[Size]:
+    """Buckets (w, h) whose area is at most the target's, sides multiples of `step` in [min_side, max_side].
+
+    For every width on the step the tallest height that fits is taken (and its transpose), plus the
+    largest square and the target size itself. Sorted by aspect ratio (w / h), then width.
+    """
+    if step < 8 or step % 8:
+        raise ValueError(f"bucket step must be a multiple of 8 and >= 8, got {step}")
+    area = target[0] * target[1]
+    default_low, default_high = default_bucket_sides(area, step)
+    low = default_low if min_side is None else min_side
+    high = default_high if max_side is None else max_side
+    if low > high:
+        raise ValueError(f"bucket min side {low} is larger than max side {high}")
+    if low * low > area:
+        raise ValueError(
+            f"bucket min side {low} leaves no bucket: {low}x{low} exceeds the area {target[0]}x{target[1]}"
+        )
+    buckets: set[Size] = {tuple(target)}  # type: ignore[arg-type]
+    square = int(math.sqrt(area)) // step * step
+    if low <= square <= high:
+        buckets.add((square, square))
+    first = -(-low // step) * step  # the first multiple of step >= low
+    for width in range(first, high + 1, step):
+        height = min(high, area // width // step * step)
+        if height >= low:
+            buckets.add((width, height))
+            buckets.add((height, width))
+    return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def assign_bucket(size: Size, buckets: Sequence[Size], *, no_upscale: bool = False, step: int = 64) -> Size:
+    """The bucket closest to the image's aspect ratio (in log space); ties go to the larger bucket.
+
+    With `no_upscale`, an image too small to cover that bucket gets its own bucket: its size rounded down
+    to the step, so it is only ever cropped, never enlarged.
+    """
+    width, height = size
+    log_aspect = math.log(width / height)
+
+    def distance(bucket: Size) -> tuple[float, int]:
+        return (round(abs(log_aspect - math.log(bucket[0] / bucket[1])), 12), -bucket[0] * bucket[1])
+
+    best = min(buckets, key=distance)
+    if no_upscale and (width < best[0] or height < best[1]):
+        return (max(step, width // step * step), max(step, height // step * step))
+    return best
+
+
+def count_buckets(assigned: Iterable[Size]) -> list[tuple[Size, int]]:
+    """Histogram of bucket assignments, sorted by aspect ratio."""
+    counts = Counter(assigned)
+    return sorted(counts.items(), key=lambda item: (item[0][0] / item[0][1], item[0][0]))
+
+
+# ---------------------------------------------------------------- resize, crop, flip
 
 
 @dataclass(frozen=True)
 class CropPlan:
-    resized: tuple[int, int]  # (width, height) after resizing, before cropping
+    resized: Size  # (width, height) after resizing, before cropping
     crop_top_left: tuple[int, int]  # (top, left) in the resized image
-    target: tuple[int, int]  # (width, height) of the crop = the training size
+    target: Size  # (width, height) of the crop = the bucket
 
 
 def compute_crop_plan(
-    original: tuple[int, int],
-    target: tuple[int, int],
+    original: Size,
+    target: Size,
     *,
     center: bool = True,
     rng: random.Random | None = None,
@@ -32,6 +116,42 @@ def compute_crop_plan(
     else:
         top, left = rng.randint(0, rh - th), rng.randint(0, rw - tw)
     return CropPlan(resized=(rw, rh), crop_top_left=(top, left), target=(tw, th))
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Everything that turns an original image into a training image; also the latent-cache key."""
+
+    bucket: Size  # (width, height) of the training image
+    resized: Size  # (width, height) after resizing
+    crop: tuple[int, int]  # (top, left) of the crop in the resized image, before any flip
+    flip: bool
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) as seen in the trained (possibly mirrored) image: what the SDXL time ids get."""
+        top, left = self.crop
+        if self.flip:
+            left = self.resized[0] - left - self.bucket[0]
+        return (top, left)
+
+    def key(self) -> str:
+        return (
+            f"{self.bucket[0]}x{self.bucket[1]}-r{self.resized[0]}x{self.resized[1]}"
+            f"-c{self.crop[0]},{self.crop[1]}-f{int(self.flip)}"
+        )
+
+
+def compute_transform(
+    original: Size, bucket: Size, *, center_crop: bool, random_flip: bool, rng: random.Random
+) -> Transform:
+    """The resize, crop and flip of one image; draws from `rng` in a fixed order (crop, then flip)."""
+    plan = compute_crop_plan(original, bucket, center=center_crop, rng=rng)
+    flip = bool(random_flip and rng.random() < 0.5)
+    return Transform(bucket=plan.target, resized=plan.resized, crop=plan.crop_top_left, flip=flip)
+
+
+# ---------------------------------------------------------------- batches
 
 
 class SeededBatchSampler:

@@ -50,6 +50,17 @@ class SDXLDenoiser:
             latents = vae.encode(pixels).latent_dist.sample()
         return latents * vae.config.scaling_factor
 
+    def encode_latent_dist(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE-encode [B, 3, H, W] pixels into the scaled latent distribution: (mean, std), each [B, 4, H/8, W/8].
+
+        What the latent cache stores; `mean + std * noise` is a draw as `encode_latents` makes one.
+        """
+        vae = self.model.vae
+        with torch.no_grad():
+            dist = vae.encode(pixel_values.to(self.device, dtype=vae.dtype)).latent_dist
+        scale = vae.config.scaling_factor
+        return dist.mean * scale, dist.std * scale
+
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
             return encode_prompts(self.model.text_encoders, self.model.tokenizers, captions, self.device)

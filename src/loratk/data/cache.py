@@ -1,0 +1,292 @@
+"""Latent and text-embedding caches: one safetensors file per entry, reused across epochs and runs.
+
+Latents are keyed by (image content sha256, transform = bucket, resize, crop, flip) under a folder named
+by the VAE's fingerprint; text embeddings by the exact caption text under the text encoders' fingerprint.
+A changed image, model, dtype or transform therefore never reads a stale entry. Each entry is written
+atomically on its own, so an interrupted build keeps what it finished and the next build continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratk.core.checkpoint import save_safetensors_atomic
+from loratk.data.buckets import Size, Transform
+from loratk.data.images import MAX_PIXELS, ImageLoadError, apply_transform, image_to_tensor, load_image
+
+CACHE_FORMAT = "1"  # bump when the entry layout changes: old entries are then never read
+
+
+class CacheError(RuntimeError):
+    """A cache entry that cannot be built or read; the message names the image (or caption) and the fix."""
+
+
+def default_data_cache_dir() -> Path:
+    """`$LORATK_CACHE/data` (default `~/.cache/loratk/data`): shared by every run on this machine."""
+    from loratk.models.tiny import default_cache_dir
+
+    return default_cache_dir() / "data"
+
+
+def compute_module_fingerprint(modules: Sequence[torch.nn.Module], extra: str = "") -> str:
+    """A sha256 over the modules' classes, configs, tensor names, shapes, dtypes and value statistics.
+
+    Cheap enough for the full SDXL text encoders on a GPU (no host copy of the weights), and any retrained,
+    swapped or re-cast weight changes it.
+    """
+    digest = hashlib.sha256(f"loratk-cache-{CACHE_FORMAT}|{extra}".encode())
+    for module in modules:
+        digest.update(type(module).__name__.encode())
+        config = getattr(module, "config", None)
+        if config is not None:
+            as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            as_dict = {k: v for k, v in as_dict.items() if not k.startswith("_")}
+            digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+        with torch.no_grad():
+            for name, tensor in module.state_dict().items():
+                flat = tensor.detach().reshape(-1)
+                stats = torch.stack(
+                    [flat.float().sum(), flat.float().abs().sum(), (flat.float() ** 2).sum()]
+                    if flat.numel()
+                    else [torch.zeros(())] * 3
+                )
+                head = torch.cat([flat[:16], flat[-16:]]).float()
+                digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+                digest.update(stats.cpu().double().numpy().tobytes())
+                digest.update(head.cpu().double().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _entry_path(folder: Path, key: str) -> Path:
+    return folder / key[:2] / f"{key}.safetensors"
+
+
+def _readable(path: Path) -> bool:
+    """True if `path` is a complete safetensors file (its header parses)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+        return True
+    except Exception:
+        return False
+
+
+def _load(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CacheError(
+            f"{path}: cache entry for {what} is missing; the cache was built for other settings"
+        ) from None
+    except Exception as err:  # safetensors' own messages do not name the file
+        raise CacheError(
+            f"{path}: damaged cache entry for {what} ({err}); delete the file to rebuild it"
+        ) from None
+
+
+# ---------------------------------------------------------------- latents
+
+
+@dataclass(frozen=True)
+class LatentRequest:
+    path: Path  # the image, for decoding and for error messages
+    sha256: str  # content hash of the file
+    transform: Transform
+
+
+class LatentCache:
+    """Scaled VAE latent distributions (mean, std) per (image content, transform) for one VAE."""
+
+    def __init__(self, root: str | os.PathLike, fingerprint: str, model_id: str = ""):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.model_id = model_id
+        self.folder = self.root / "latents" / fingerprint[:24]
+
+    def key(self, sha256: str, transform: Transform) -> str:
+        return hashlib.sha256(f"{sha256}|{transform.key()}".encode()).hexdigest()
+
+    def path_for(self, sha256: str, transform: Transform) -> Path:
+        return _entry_path(self.folder, self.key(sha256, transform))
+
+    def load(
+        self, sha256: str, transform: Transform, image: str | os.PathLike
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each [4, H/8, W/8], already multiplied by the VAE scaling factor."""
+        tensors = _load(self.path_for(sha256, transform), f"{image} ({transform.key()})")
+        return tensors["mean"], tensors["std"]
+
+    def save(self, request: LatentRequest, mean: torch.Tensor, std: torch.Tensor) -> None:
+        metadata = {
+            "loratk.cache_format": CACHE_FORMAT,
+            "image": str(request.path),
+            "image_sha256": request.sha256,
+            "transform": request.transform.key(),
+            "model": self.model_id,
+            "vae_fingerprint": self.fingerprint,
+        }
+        tensors = {"mean": mean.detach().cpu().contiguous(), "std": std.detach().cpu().contiguous()}
+        save_safetensors_atomic(tensors, self.path_for(request.sha256, request.transform), metadata)
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw from the cached latent distribution, as `latent_dist.sample()` would give: [4, h, w]."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.dtype)
+    return mean + std * noise
+
+
+@dataclass
+class CacheStats:
+    total: int  # distinct entries the run needs
+    reused: int  # already in the cache
+    built: int  # encoded now (by this process)
+
+    def describe(self) -> str:
+        return f"{self.total} entries: {self.reused} reused, {self.built} built"
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="entry", disable=not enabled)
+
+
+def _stop_if_requested(should_stop: Callable[[], bool] | None) -> None:
+    """Between batches: honour SIGTERM / Ctrl-C; every entry written so far stays, the next build continues."""
+    if should_stop is not None and should_stop():
+        from loratk.core.interrupts import TrainingInterrupted
+
+        raise TrainingInterrupted(
+            "SIGTERM", "stopped while building the data caches (finished entries are kept)"
+        )
+
+
+def build_latent_cache(
+    cache: LatentCache,
+    requests: Iterable[LatentRequest],
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    batch_size: int = 4,
+    max_pixels: int = MAX_PIXELS,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> CacheStats:
+    """Encode every request that has no readable entry yet; check each latent is finite.
+
+    `encode` maps pixels [B, 3, H, W] in [-1, 1] to scaled (mean, std) [B, 4, H/8, W/8]. Requests are
+    grouped by bucket so a VAE batch never mixes sizes; with several processes each encodes its share.
+    """
+    unique: dict[str, LatentRequest] = {}
+    for request in requests:
+        unique.setdefault(cache.key(request.sha256, request.transform), request)
+    missing = [r for k, r in sorted(unique.items()) if not _readable(_entry_path(cache.folder, k))]
+    mine = missing[process_index::num_processes]
+    by_bucket: dict[Size, list[LatentRequest]] = {}
+    for request in mine:
+        by_bucket.setdefault(request.transform.bucket, []).append(request)
+    with _progress(len(mine), "cache latents", progress) as bar:
+        for bucket in sorted(by_bucket):
+            group = by_bucket[bucket]
+            for start in range(0, len(group), batch_size):
+                _stop_if_requested(should_stop)
+                batch = group[start : start + batch_size]
+                pixels = torch.stack([_render(r, max_pixels) for r in batch])
+                mean, std = encode(pixels)
+                for i, request in enumerate(batch):
+                    if not (torch.isfinite(mean[i]).all() and torch.isfinite(std[i]).all()):
+                        raise CacheError(
+                            f"{request.path}: the VAE produced NaN/inf latents for this image "
+                            f"({request.transform.key()}); run the VAE in fp32 or bf16 (or set model.vae to "
+                            "madebyollin/sdxl-vae-fp16-fix), or remove the image"
+                        )
+                    cache.save(request, mean[i], std[i])
+                bar.update(len(batch))
+    return CacheStats(total=len(unique), reused=len(unique) - len(missing), built=len(mine))
+
+
+def _render(request: LatentRequest, max_pixels: int) -> torch.Tensor:
+    try:
+        image = load_image(request.path, max_pixels)
+    except ImageLoadError as err:
+        raise CacheError(f"{err} (the file changed after the data check?)") from None
+    return image_to_tensor(apply_transform(image, request.transform))
+
+
+# ---------------------------------------------------------------- text embeddings
+
+
+class TextEmbeddingCache:
+    """Both encoders' hidden states [77, D1+D2] and the pooled embedding [P] per exact caption text."""
+
+    def __init__(self, root: str | os.PathLike, fingerprint: str, model_id: str = ""):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.model_id = model_id
+        self.folder = self.root / "text" / fingerprint[:24]
+
+    def key(self, text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def path_for(self, text: str) -> Path:
+        return _entry_path(self.folder, self.key(text))
+
+    def load(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = _load(self.path_for(text), f"caption {text[:60]!r}")
+        return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
+
+    def save(self, text: str, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        metadata = {
+            "loratk.cache_format": CACHE_FORMAT,
+            "text": text,
+            "model": self.model_id,
+            "text_encoders_fingerprint": self.fingerprint,
+        }
+        tensors = {
+            "prompt_embeds": embeds.detach().cpu().contiguous(),
+            "pooled_prompt_embeds": pooled.detach().cpu().contiguous(),
+        }
+        save_safetensors_atomic(tensors, self.path_for(text), metadata)
+
+
+def build_text_cache(
+    cache: TextEmbeddingCache,
+    texts: Iterable[str],
+    encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    batch_size: int = 16,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> CacheStats:
+    """Encode every caption text (the empty caption included, when asked for) that has no entry yet."""
+    unique = sorted(set(texts))
+    missing = [t for t in unique if not _readable(cache.path_for(t))]
+    mine = missing[process_index::num_processes]
+    with _progress(len(mine), "cache text embeddings", progress) as bar:
+        for start in range(0, len(mine), batch_size):
+            _stop_if_requested(should_stop)
+            batch = mine[start : start + batch_size]
+            embeds, pooled = encode(batch)
+            for i, text in enumerate(batch):
+                if not (torch.isfinite(embeds[i]).all() and torch.isfinite(pooled[i]).all()):
+                    raise CacheError(
+                        f"the text encoders produced NaN/inf for the caption {text[:80]!r}; "
+                        "run them in fp32 or bf16 (train.mixed_precision)"
+                    )
+                cache.save(text, embeds[i], pooled[i])
+            bar.update(len(batch))
+    return CacheStats(total=len(unique), reused=len(unique) - len(missing), built=len(mine))
