@@ -196,7 +196,13 @@ class TrainingRun:
         from loratk.core.optim import build_lr_scheduler, build_optimizer
         from loratk.data.dataset import build_dataloader
         from loratk.export.epochs import EpochExporter
-        from loratk.models.sdxl import DTYPES, freeze_and_cast, load_sdxl
+        from loratk.models.sdxl import (
+            DTYPES,
+            apply_performance_options,
+            freeze_and_cast,
+            load_sdxl,
+            require_attention_backend,
+        )
         from loratk.plan import compute_plan
 
         recipe = self.recipe
@@ -209,6 +215,7 @@ class TrainingRun:
             step_scheduler_with_optimizer=False,
         )
         set_seed(recipe.seed)
+        require_attention_backend(recipe.performance.attention)  # a missing xformers fails before any loading
 
         # Data and prompt-file problems surface before any model is loaded.
         self.dataset = build_dataset(recipe)
@@ -238,6 +245,14 @@ class TrainingRun:
             for name, module in trainables.items():
                 if name != "unet":
                     module.gradient_checkpointing_enable()
+        perf = recipe.performance
+        apply_performance_options(
+            self.model.unet,
+            attention=perf.attention,
+            tf32=perf.tf32,
+            channels_last=perf.channels_last,
+            compile_unet=perf.compile_unet,
+        )
 
         dataloader = build_dataloader(
             self.dataset,
