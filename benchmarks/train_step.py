@@ -296,6 +296,7 @@ def count_flops_per_image_on_meta(unet_config: dict[str, Any], config: BenchConf
     meta = torch.device("meta")
     unet = build_unet(unet_config, meta)
     unet.requires_grad_(False)
+    unet.to(dtype=torch.bfloat16)
     model = build_model(unet)
     if config.rank is None:
         unet.requires_grad_(True)
