@@ -455,7 +455,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TQDM_DISABLE", "1")
     args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
