@@ -86,7 +86,12 @@ CONFIGS = (
     BenchConfig("b", "LoRA r128 all-linear, Adafactor", "lora", 1024, 1024, 8),
     BenchConfig("c", "full DreamBooth, Adafactor", "dreambooth", 1024, 1024, 4, rank=None),
     BenchConfig(
-        "d", "DreamBooth-LoRA r128, prior preservation 2+2", "dreambooth-lora", 1024, 1024, 4,
+        "d",
+        "DreamBooth-LoRA r128, prior preservation 2+2",
+        "dreambooth-lora",
+        1024,
+        1024,
+        4,
         prior_preservation=True,
     ),
 )
@@ -163,11 +168,15 @@ def make_cached_batch(
     unet_config: dict[str, Any], width: int, height: int, batch_size: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """A batch as the latent and text-embedding caches deliver it."""
-    pooled_dim = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    pooled_dim = (
+        unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    )
     generator = torch.Generator().manual_seed(0)
     sizes = torch.tensor([[height, width]] * batch_size)
     batch = {
-        "latents": torch.randn(batch_size, 4, height // 8, width // 8, generator=generator),  # [B, 4, H/8, W/8]
+        "latents": torch.randn(
+            batch_size, 4, height // 8, width // 8, generator=generator
+        ),  # [B, 4, H/8, W/8]
         "prompt_embeds": torch.randn(batch_size, 77, unet_config["cross_attention_dim"], generator=generator),
         "pooled_prompt_embeds": torch.randn(batch_size, pooled_dim, generator=generator),
         "original_sizes": sizes,
@@ -245,10 +254,14 @@ def build_step(
         groups = adapter.param_groups(model, 1e-4)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    apply_performance_options(unet, attention=attention, channels_last=channels_last, compile_unet=compile_unet)
+    apply_performance_options(
+        unet, attention=attention, channels_last=channels_last, compile_unet=compile_unet
+    )
     optimizer = build_optimizer(groups, config.optimizer, lr=groups[0]["lr"])
     prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
-    lr_scheduler = accelerator.prepare(build_lr_scheduler(optimizer, "constant", warmup_steps=0, total_steps=1))
+    lr_scheduler = accelerator.prepare(
+        build_lr_scheduler(optimizer, "constant", warmup_steps=0, total_steps=1)
+    )
     unet_dtype = full_dtype if config.rank is None else weight_dtype
     denoiser = SDXLDenoiser(build_model(prepared_unet), device=device, weight_dtype=unet_dtype)
     if config.prior_preservation:
@@ -408,7 +421,11 @@ def run_config(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     def num(value: Any, spec: str) -> str:
-        return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+        return (
+            "n/a"
+            if value is None or (isinstance(value, float) and not math.isfinite(value))
+            else format(value, spec)
+        )
 
     lines = [
         "| config | what | size | batch | s/step | images/s | peak GiB | TFLOP/step | % bf16 peak | status |",
@@ -435,21 +452,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--full-size", action="store_true", help="full-size SDXL UNet (the default with CUDA)")
     parser.add_argument("--configs", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 GPU, 3 CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 GPU, 1 CPU)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default: 3 GPU, 1 CPU)"
+    )
     parser.add_argument("--memory-cap-gib", type=float, default=24.0, help="emulate a card this size (GPU)")
     parser.add_argument("--no-memory-cap", action="store_true", help="use the whole GPU")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
-                        help="frozen-weight dtype (default: bf16 on a GPU, no on a CPU)")
-    parser.add_argument("--full-dtype", choices=("bf16", "fp32"), default=None,
-                        help="weight dtype of full fine-tuning (c) (default: bf16 under bf16, else fp32)")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="frozen-weight dtype (default: bf16 on a GPU, no on a CPU)",
+    )
+    parser.add_argument(
+        "--full-dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="weight dtype of full fine-tuning (c) (default: bf16 under bf16, else fp32)",
+    )
     parser.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
     parser.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, if not in the table")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense bf16 peak, if not in the table"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)")
-    parser.add_argument("--meta-flops", action="store_true",
-                        help="only count full-size FLOPs per image of each configuration on the meta device")
+    parser.add_argument(
+        "--meta-flops",
+        action="store_true",
+        help="only count full-size FLOPs per image of each configuration on the meta device",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     return parser.parse_args(argv)
 
@@ -488,7 +520,9 @@ def _run(args: argparse.Namespace) -> int:
     full_dtype = args.full_dtype or ("bf16" if mixed_precision == "bf16" else "fp32")
     accelerator = Accelerator(mixed_precision=mixed_precision)
     device = accelerator.device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    )
     peak_tflops = args.peak_tflops or (find_bf16_peak_tflops(device_name) if device.type == "cuda" else None)
     if device.type == "cuda" and not args.no_memory_cap:
         total = torch.cuda.get_device_properties(device).total_memory

@@ -58,7 +58,9 @@ def test_performance_defaults_and_errors():
     perf = recipe.performance
     assert (perf.attention, perf.tf32, perf.channels_last, perf.compile_unet) == ("sdpa", True, False, False)
     with pytest.raises(RecipeError) as err:
-        validate_recipe({"name": "x", "data": {"dir": "d"}, "performance": {"attention": "xformer", "tf23": 1}})
+        validate_recipe(
+            {"name": "x", "data": {"dir": "d"}, "performance": {"attention": "xformer", "tf23": 1}}
+        )
     text = str(err.value)
     assert "performance.attention: must be one of 'sdpa' or 'xformers', got 'xformer'" in text
     assert "performance.tf23: unknown key (did you mean 'tf32'?)" in text
