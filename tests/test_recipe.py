@@ -40,6 +40,9 @@ def test_ukiyoe_recipe_is_the_seed_setup():
     assert (recipe.optim.name, recipe.train.learning_rate) == ("adafactor", 1e-3)
     assert recipe.data.caption_ext == ".txt"
     assert recipe.data.size == (600, 400)
+    # What fits it in 24 GB: checkpointing, bf16 frozen weights, Adafactor, SDPA attention.
+    assert recipe.train.gradient_checkpointing and recipe.train.mixed_precision == "bf16"
+    assert recipe.performance.attention == "sdpa"
 
 
 @pytest.mark.parametrize(

@@ -530,3 +530,26 @@ def test_a_stop_request_ends_sampling_between_images(tmp_path, tiny_sdxl_dir):
     )
     hook(1, 1)
     assert len(list((tmp_path / "epoch001").glob("*.png"))) == 1
+
+
+def test_offloaded_parts_come_to_the_unet_device_for_sampling_and_go_back():
+    from types import SimpleNamespace
+
+    import torch
+
+    from loratk.sampling import parts_on_device
+
+    class Part:
+        def __init__(self, device: str):
+            self.device, self.moves = torch.device(device), []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            self.device = torch.device(device)
+            return self
+
+    model = SimpleNamespace(vae=Part("cpu"), text_encoder=Part("cpu"), text_encoder_2=Part("meta"))
+    with parts_on_device(model, torch.device("meta")):
+        assert {str(p.device) for p in (model.vae, model.text_encoder, model.text_encoder_2)} == {"meta"}
+    assert (model.vae.moves, model.text_encoder_2.moves) == (["meta", "cpu"], [])
+    assert str(model.vae.device) == "cpu"

@@ -251,6 +251,17 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
 
 
+# ---- [performance]: memory and speed. None of these changes what is trained, only how fast and in how much
+# memory; each is applied in one place, `models/sdxl.py::apply_performance_options`.
+class PerformanceConfig(_Section):
+    attention: Literal["sdpa", "xformers"] = Field(
+        "sdpa", description="UNet attention: PyTorch SDPA, or xformers (needs loratk[xformers] and a GPU)"
+    )
+    tf32: bool = Field(True, description="TF32 matmuls and convolutions on Ampere and newer GPUs")
+    channels_last: bool = Field(False, description="UNet weights in channels_last memory format")
+    compile_unet: bool = Field(False, description="torch.compile the UNet (slow first step)")
+
+
 class ExportConfig(_Section):
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     every_n_epochs: int = Field(1, gt=0)
@@ -314,6 +325,7 @@ class Recipe(_Section):
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
+    performance: PerformanceConfig = PerformanceConfig()
     export: ExportConfig = ExportConfig()
     sample: SampleConfig = SampleConfig()
 
@@ -427,6 +439,8 @@ RESUMABLE_CHANGES = (
     "train.log_every_n_steps",
     "train.report_to",
     "data.num_workers",
+    "train.gradient_checkpointing",  # recomputes the same activations
+    "performance.",  # speed and memory only (an OOM'd run can resume with other settings)
     "export.",
     "sample.",
 )

@@ -419,6 +419,22 @@ def sampling_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
         free_memory()
 
 
+@contextlib.contextmanager
+def parts_on_device(model: Any, device: torch.device) -> Iterator[None]:
+    """Bring parts that were offloaded after caching (VAE, text encoders) to `device` for the duration."""
+    moved = []
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(model, name, None)
+        if module is not None and module.device != device:
+            moved.append((module, module.device))
+            module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in moved:
+            module.to(home)
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -517,6 +533,7 @@ class SampleHook:
         try:
             with (
                 sampling_mode(modules),
+                parts_on_device(self.model, self.model.unet.device),
                 adapters_disabled(modules) if epoch is None else contextlib.nullcontext(),
             ):
                 pipe = build_pipeline(

@@ -273,8 +273,10 @@ def text_cache_off_reason(recipe: Recipe) -> str | None:
 
 def build_data_caches(
     recipe: Recipe, dataset: Any, denoiser: Any, model: Any, accelerator: Any, epochs: int, stop: Any = None
-) -> None:
-    """Fill the latent and text-embedding caches for every epoch to run, then point the dataset at them."""
+) -> list[str]:
+    """Fill the latent and text-embedding caches for every epoch to run, then point the dataset at them.
+
+    Returns the model parts that training no longer needs (`vae`, `text_encoder`, `text_encoder_2`)."""
     from accelerate.logging import get_logger
 
     from loratk.data.cache import (
@@ -340,6 +342,7 @@ def build_data_caches(
         logger.info(f"text-embedding cache off: {reason}", main_process_only=True)
     accelerator.wait_for_everyone()
     dataset.use_caches(latents=latents, text=text)
+    return (["vae"] if latents else []) + (["text_encoder", "text_encoder_2"] if text else [])
 
 
 def _vocab_digest(tokenizer: Any) -> str:
@@ -414,7 +417,14 @@ class TrainingRun:
         from loratk.core.optim import build_lr_scheduler, build_optimizer
         from loratk.data.dataset import build_dataloader
         from loratk.export.epochs import EpochExporter
-        from loratk.models.sdxl import DTYPES, freeze_and_cast, load_sdxl
+        from loratk.models.sdxl import (
+            DTYPES,
+            apply_performance_options,
+            freeze_and_cast,
+            load_sdxl,
+            offload_frozen_encoders,
+            require_attention_backend,
+        )
         from loratk.plan import compute_plan
 
         recipe = self.recipe
@@ -429,6 +439,7 @@ class TrainingRun:
             step_scheduler_with_optimizer=False,
         )
         set_seed(recipe.seed)
+        require_attention_backend(recipe.performance.attention)  # a missing xformers fails before any loading
 
         # Data and prompt-file problems surface before any model is loaded: every image is decoded, every
         # caption read.
@@ -462,6 +473,14 @@ class TrainingRun:
             for name, module in trainables.items():
                 if name != "unet":
                     module.gradient_checkpointing_enable()
+        perf = recipe.performance
+        apply_performance_options(
+            self.model.unet,
+            attention=perf.attention,
+            tf32=perf.tf32,
+            channels_last=perf.channels_last,
+            compile_unet=perf.compile_unet,
+        )
 
         dataloader = build_dataloader(
             self.dataset,
@@ -506,7 +525,7 @@ class TrainingRun:
             weight_dtype=self.weight_dtype,
         )
         # Caches need the VAE and text encoders, and the plan's epoch count (crops and flips are per epoch).
-        build_data_caches(
+        cached = build_data_caches(
             recipe,
             self.dataset,
             self.objective.denoiser,
@@ -515,6 +534,13 @@ class TrainingRun:
             self.plan.num_epochs,
             self.stop,
         )
+        if accelerator.device.type != "cpu":
+            # Cached parts are not needed on the GPU while training; sampling borrows them back.
+            moved = offload_frozen_encoders(self.model, "cpu", names=cached)
+            if moved:
+                self.logger.info(
+                    f"moved {', '.join(moved)} to the CPU (caches cover them)", main_process_only=True
+                )
         self.exporter = EpochExporter(
             adapter=self.adapter,
             model=self.model,

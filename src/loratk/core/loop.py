@@ -87,6 +87,23 @@ class MetricsWriter:
             self._fh.close()
 
 
+def compute_peak_memory_gib() -> float | None:
+    """Peak accelerator memory reserved so far, in GiB (None without CUDA). Reads a counter: no sync."""
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
+def format_progress(record: dict[str, Any], first_group: str) -> dict[str, str]:
+    """The progress bar's postfix: loss, lr, images/s and (on a GPU) peak memory."""
+    postfix = {
+        "loss": f"{record['train/loss']:.4f}",
+        "lr": f"{record[f'lr/{first_group}']:.2e}",
+        "img/s": f"{record['perf/images_per_s']:.2f}",
+    }
+    if "mem/peak_gib" in record:
+        postfix["mem"] = f"{record['mem/peak_gib']:.1f}GiB"
+    return postfix
+
+
 def _group_names(optimizer: torch.optim.Optimizer) -> list[str]:
     return [group.get("name", f"group{i}") for i, group in enumerate(optimizer.param_groups)]
 
@@ -205,15 +222,16 @@ def run_training(
                 )
                 record["train/nonfinite_steps"] = state.nonfinite_steps
                 record["perf/images_per_s"] = images * accelerator.num_processes / elapsed if elapsed else 0.0
-                if torch.cuda.is_available():
-                    record["mem/peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                peak_gib = compute_peak_memory_gib()
+                if peak_gib is not None:
+                    record["mem/peak_gib"] = peak_gib
                 if ids:
                     record["data/batch_sha1"] = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
                 result.losses.append(loss)
                 if main:
                     if metrics is not None:
                         metrics.write(record)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record[f'lr/{names[0]}']:.2e}")
+                    bar.set_postfix(format_progress(record, names[0]))
                 accelerator.log(record, step=state.global_step)
                 window_loss.zero_()
                 images = micro_batches = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,78 @@ def freeze_and_cast(model: SDXLModel, device: torch.device, weight_dtype: torch.
         module.to(device)
         if module.dtype != dtype:
             module.to(dtype=dtype)
+
+
+# ---------------------------------------------------------------- memory and speed ([performance])
+
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+XFORMERS_HINT = "pip install 'loratk[xformers]'"
+
+
+def require_attention_backend(attention: str) -> None:
+    """Fail before any model is loaded when the attention backend cannot run here."""
+    import importlib.util
+
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+    if attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise ImportError(
+            f"performance.attention = 'xformers' needs xformers: {XFORMERS_HINT} "
+            "(or use attention = 'sdpa', PyTorch's own memory-efficient attention)"
+        )
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions (Ampere and newer); no effect on CPUs or older GPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def apply_performance_options(
+    unet: torch.nn.Module,
+    *,
+    attention: str = "sdpa",
+    tf32: bool = True,
+    channels_last: bool = False,
+    compile_unet: bool = False,
+) -> None:
+    """Apply the `[performance]` options to the UNet, in place. Call after the adapter is injected.
+
+    `compile_unet` uses `Module.compile`, which keeps the module (and so its state-dict keys) as it is and
+    compiles on the first forward pass.
+    """
+    require_attention_backend(attention)
+    set_tf32(tf32)
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile_unet:
+        unet.compile()
+
+
+def offload_frozen_encoders(
+    model: SDXLModel,
+    device: torch.device | str = "cpu",
+    names: Sequence[str] = ("vae", "text_encoder", "text_encoder_2"),
+) -> list[str]:
+    """Move the VAE and the text encoders to `device` (the CPU by default), unless they train.
+
+    Call once latents and text embeddings are cached: from then on training needs only the UNet on the
+    accelerator. Sampling still needs them, so a sampler must move them back (or run where they are).
+    Returns the names of the parts moved.
+    """
+    moved = []
+    for name in names:
+        module = getattr(model, name)
+        if module is None or any(p.requires_grad for p in module.parameters()):
+            continue
+        module.to(device)
+        moved.append(name)
+    if moved and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return moved

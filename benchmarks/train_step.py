@@ -1,0 +1,580 @@
+"""Training-step speed and memory: the real loratk step on an SDXL UNet with random weights.
+
+    python benchmarks/train_step.py                                   # CPU: tiny smoke of every configuration
+    python benchmarks/train_step.py --full-size --memory-cap-gib 24   # GPU: full-size UNet, a 24 GiB card
+    python benchmarks/train_step.py --full-size --configs b --no-memory-cap   # (b) on the whole GPU
+
+Each configuration builds the UNet from its config (no download), injects the adapter, builds the optimizer
+from `core/optim.py`, and runs `core/loop.run_training` (accumulate, backward, clip, step: the same loop as
+`loratk.train`) over synthetic cached latents and text embeddings, so no VAE or text encoder is on the device.
+
+Reported per configuration: s/step (median after warm-up), images/s, peak memory
+(`torch.cuda.max_memory_reserved`), FLOPs per step (`torch.utils.flop_counter.FlopCounterMode`, counted once
+per configuration on one image without gradient checkpointing, i.e. model FLOPs, not recomputation) and the
+share of the GPU's dense bf16 peak those FLOPs reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# SDXL 1.0 base UNet (stabilityai/stable-diffusion-xl-base-1.0/unet/config.json): 2,567,463,684 parameters.
+SDXL_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),  # diffusers' name for the number of heads in SDXL's config
+    norm_num_groups=32,
+    cross_attention_dim=2048,  # CLIP-L 768 + CLIP-G 1280
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled CLIP-G 1280
+)
+SDXL_UNET_PARAMETERS = 2_567_463_684
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched in order against torch.cuda.get_device_name().
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("RTX 4090", 165.2),
+    ("RTX A6000", 154.8),
+    ("RTX A5000", 111.1),
+    ("A10G", 70.0),
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    key: str
+    what: str
+    method: str  # "lora" | "dreambooth" | "dreambooth-lora"
+    width: int
+    height: int
+    batch_size: int  # images per step; with prior preservation, instance + class
+    optimizer: str = "adafactor"
+    rank: int | None = 128  # None = full fine-tuning
+    targets: str = "all-linear"
+    gradient_checkpointing: bool = True
+    prior_preservation: bool = False
+
+
+CONFIGS = (
+    BenchConfig("a", "seed recipe: LoRA r128 all-linear, Adafactor", "lora", 600, 400, 20),
+    BenchConfig("b", "LoRA r128 all-linear, Adafactor", "lora", 1024, 1024, 8),
+    BenchConfig("c", "full DreamBooth, Adafactor", "dreambooth", 1024, 1024, 4, rank=None),
+    BenchConfig(
+        "d",
+        "DreamBooth-LoRA r128, prior preservation 2+2",
+        "dreambooth-lora",
+        1024,
+        1024,
+        4,
+        prior_preservation=True,
+    ),
+)
+
+
+def tiny_version(config: BenchConfig) -> BenchConfig:
+    """The same configuration at 1/16 of the size and 2 images a step (1 + 1 with prior preservation) for
+    the tiny UNet: a smoke test of every code path, fast on a CPU. Odd latent sizes are kept on purpose."""
+
+    def shrink(side: int) -> int:
+        return max(16, side // 16 // 8 * 8)
+
+    return replace(
+        config, width=shrink(config.width), height=shrink(config.height), batch_size=2, rank=config.rank and 8
+    )
+
+
+def fused_backward_available() -> bool:
+    """The fused backward step comes with the DreamBooth issue; it is used once `core/optim.py` has it."""
+    from loratk.core import optim
+
+    return hasattr(optim, "build_fused_backward")
+
+
+def find_bf16_peak_tflops(device_name: str) -> float | None:
+    for pattern, tflops in BF16_PEAK_TFLOPS:
+        if pattern in device_name:
+            return tflops
+    return None
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_unet(config: dict[str, Any], device: torch.device, *, seed: int = 0) -> torch.nn.Module:
+    """A UNet with random weights, initialised directly on `device` (fast on a GPU, free on `meta`)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return UNet2DConditionModel(**config)
+
+
+def build_noise_scheduler() -> Any:
+    from diffusers import DDPMScheduler
+
+    # SDXL base's training schedule.
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+    )
+
+
+def build_model(unet: torch.nn.Module) -> Any:
+    """An `SDXLModel` holding only the UNet: cached latents and embeddings need no VAE or text encoder."""
+    from loratk.models.sdxl import SDXLModel
+
+    return SDXLModel(
+        unet=unet,
+        vae=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        noise_scheduler=build_noise_scheduler(),
+        source="benchmark:random-weights",
+    )
+
+
+def make_cached_batch(
+    unet_config: dict[str, Any], width: int, height: int, batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """A batch as the latent and text-embedding caches deliver it."""
+    pooled_dim = (
+        unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    )
+    generator = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([[height, width]] * batch_size)
+    batch = {
+        "latents": torch.randn(
+            batch_size, 4, height // 8, width // 8, generator=generator
+        ),  # [B, 4, H/8, W/8]
+        "prompt_embeds": torch.randn(batch_size, 77, unet_config["cross_attention_dim"], generator=generator),
+        "pooled_prompt_embeds": torch.randn(batch_size, pooled_dim, generator=generator),
+        "original_sizes": sizes,
+        "crop_top_lefts": torch.zeros_like(sizes),
+        "target_sizes": sizes,
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class PriorPreservationObjective:
+    """Instance and class halves of one batch: loss = instance MSE + prior_weight x class MSE.
+
+    Stands in for the DreamBooth branch's objective (same UNet work per image) until it is merged.
+    """
+
+    def __init__(self, denoiser: Any, num_instance: int, prior_weight: float = 1.0):
+        self.denoiser = denoiser
+        self.num_instance = num_instance
+        self.prior_weight = prior_weight
+
+    def compute_loss(self, batch: dict[str, Any]) -> Any:
+        from loratk.objectives import LossOutput
+
+        inputs = self.denoiser.encode_batch(batch)
+        per_sample = self.denoiser.per_sample_loss(inputs)  # [B]
+        n = self.num_instance
+        loss = per_sample[:n].mean() + self.prior_weight * per_sample[n:].mean()
+        return LossOutput(loss=loss, num_images=per_sample.shape[0])
+
+
+@dataclass
+class Step:
+    """Everything one configuration trains with."""
+
+    unet: torch.nn.Module
+    objective: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    batch: dict[str, torch.Tensor]
+    num_trainable: int
+
+
+def build_step(
+    accelerator: Any,
+    config: BenchConfig,
+    unet_config: dict[str, Any],
+    *,
+    weight_dtype: torch.dtype,
+    full_dtype: torch.dtype,
+    attention: str = "sdpa",
+    channels_last: bool = False,
+    compile_unet: bool = False,
+) -> Step:
+    """The UNet, adapter, objective and optimizer for one configuration, built as `loratk.train` builds them."""
+    from loratk.adapters.lora import LoraAdapter
+    from loratk.core.optim import build_lr_scheduler, build_optimizer
+    from loratk.models.sdxl import apply_performance_options
+    from loratk.objectives.caption import CaptionObjective
+    from loratk.objectives.denoising import SDXLDenoiser
+
+    device = accelerator.device
+    unet = build_unet(unet_config, device)
+    unet.requires_grad_(False)
+    if config.rank is None:
+        # Full fine-tuning: every UNet weight trains, kept in `full_dtype` (bf16 = kohya's full_bf16).
+        unet.to(dtype=full_dtype)
+        unet.requires_grad_(True)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        groups = [{"name": "unet", "params": params, "lr": 1e-6}]
+    else:
+        unet.to(dtype=weight_dtype)
+        adapter = LoraAdapter(rank=config.rank, alpha=float(config.rank), targets=config.targets)
+        model = build_model(unet)
+        adapter.apply(model)  # LoRA weights in fp32, the frozen base in `weight_dtype`
+        groups = adapter.param_groups(model, 1e-4)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    apply_performance_options(
+        unet, attention=attention, channels_last=channels_last, compile_unet=compile_unet
+    )
+    optimizer = build_optimizer(groups, config.optimizer, lr=groups[0]["lr"])
+    prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
+    lr_scheduler = accelerator.prepare(
+        build_lr_scheduler(optimizer, "constant", warmup_steps=0, total_steps=1)
+    )
+    unet_dtype = full_dtype if config.rank is None else weight_dtype
+    denoiser = SDXLDenoiser(build_model(prepared_unet), device=device, weight_dtype=unet_dtype)
+    if config.prior_preservation:
+        objective: Any = PriorPreservationObjective(denoiser, num_instance=config.batch_size // 2)
+    else:
+        objective = CaptionObjective(denoiser)
+    batch = make_cached_batch(unet_config, config.width, config.height, config.batch_size, device)
+    num_trainable = sum(p.numel() for g in groups for p in g["params"])
+    return Step(prepared_unet, objective, optimizer, lr_scheduler, batch, num_trainable)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def count_step_flops(step: Step, config: BenchConfig) -> int:
+    """FLOPs of one training step (forward + backward; the optimizer is negligible), counted on one image
+    without gradient checkpointing and scaled to the batch: model FLOPs, not what recomputation adds."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = step.unet
+    checkpointing = unet.is_gradient_checkpointing
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
+    one = {k: v[:1] for k, v in step.batch.items()}
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            inputs = step.objective.denoiser.encode_batch(one)
+            loss = step.objective.denoiser.per_sample_loss(inputs).mean()
+            loss.backward()
+    finally:
+        step.optimizer.zero_grad(set_to_none=True)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+    return counter.get_total_flops() * config.batch_size
+
+
+def count_flops_per_image_on_meta(unet_config: dict[str, Any], config: BenchConfig) -> int:
+    """Training FLOPs per image of `config`, counted on the `meta` device: no memory, no GPU, any size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from loratk.adapters.lora import LoraAdapter
+    from loratk.objectives.denoising import SDXLDenoiser
+
+    meta = torch.device("meta")
+    unet = build_unet(unet_config, meta)
+    unet.requires_grad_(False)
+    unet.to(dtype=torch.bfloat16)
+    model = build_model(unet)
+    if config.rank is None:
+        unet.requires_grad_(True)
+    else:
+        LoraAdapter(rank=config.rank, alpha=float(config.rank), targets=config.targets).apply(model)
+    denoiser = SDXLDenoiser(model, device=meta, weight_dtype=torch.bfloat16)
+    batch = make_cached_batch(unet_config, config.width, config.height, 1, meta)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        denoiser.per_sample_loss(denoiser.encode_batch(batch)).mean().backward()
+    return counter.get_total_flops()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_config(
+    accelerator: Any,
+    config: BenchConfig,
+    unet_config: dict[str, Any],
+    *,
+    steps: int,
+    warmup: int,
+    weight_dtype: torch.dtype,
+    full_dtype: torch.dtype,
+    peak_tflops: float | None,
+    **performance: Any,
+) -> dict[str, Any]:
+    """Train `warmup + steps` optimizer steps through `run_training`; time the last `steps`."""
+    from loratk.core.loop import run_training
+    from loratk.plan import compute_plan
+
+    device = accelerator.device
+    row: dict[str, Any] = {"config": config.key, **asdict(config)}
+    row["fused_backward"] = "n/a (no fused backward in core/optim.py yet)"
+    if config.rank is None and fused_backward_available():
+        row["fused_backward"] = "available, not yet wired into this benchmark"
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step = None
+    try:
+        step = build_step(
+            accelerator, config, unet_config, weight_dtype=weight_dtype, full_dtype=full_dtype, **performance
+        )
+        row["trainable_parameters"] = step.num_trainable
+        flops = count_step_flops(step, config)
+        total = warmup + steps
+        stamps: list[float] = []
+
+        def stamp(_state: Any) -> None:
+            _synchronize(device)
+            stamps.append(time.perf_counter())
+
+        plan = compute_plan(
+            num_examples=total * config.batch_size,
+            batches_per_epoch=total,
+            per_device_batch=config.batch_size,
+            gradient_accumulation_steps=1,
+            num_processes=1,
+            epochs=1,
+            max_steps=None,
+        )
+        _synchronize(device)
+        stamps.append(time.perf_counter())
+        result = run_training(
+            accelerator,
+            objective=step.objective,
+            modules=[step.unet],
+            optimizer=step.optimizer,
+            lr_scheduler=step.lr_scheduler,
+            dataloader=[step.batch] * total,
+            plan=plan,
+            seed=0,
+            max_grad_norm=1.0,
+            log_every_n_steps=total,  # one host sync for logging, at the end
+            step_hooks=[stamp],
+            max_nonfinite_steps=total + 1,
+        )
+        durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][warmup:]
+        s_per_step = statistics.median(durations)
+        row.update(
+            status="ok",
+            s_per_step=s_per_step,
+            images_per_s=config.batch_size / s_per_step,
+            tflop_per_step=flops / 1e12,
+            tflop_per_image=flops / config.batch_size / 1e12,
+            achieved_tflops=flops / s_per_step / 1e12,
+            bf16_peak_share=(flops / s_per_step / 1e12 / peak_tflops) if peak_tflops else None,
+            nonfinite_steps=result.state.nonfinite_steps,
+            final_loss=result.losses[-1] if result.losses else None,
+        )
+    except torch.OutOfMemoryError as err:
+        row.update(status="OOM", error=str(err).splitlines()[0])
+    finally:
+        if device.type == "cuda":
+            _synchronize(device)
+            row["peak_memory_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        del step
+        accelerator.free_memory()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def num(value: Any, spec: str) -> str:
+        return (
+            "n/a"
+            if value is None or (isinstance(value, float) and not math.isfinite(value))
+            else format(value, spec)
+        )
+
+    lines = [
+        "| config | what | size | batch | s/step | images/s | peak GiB | TFLOP/step | % bf16 peak | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        share = r.get("bf16_peak_share")
+        lines.append(
+            f"| ({r['config']}) | {r['what']} | {r['width']}x{r['height']} | {r['batch_size']} | "
+            f"{num(r.get('s_per_step'), '.3f')} | {num(r.get('images_per_s'), '.2f')} | "
+            f"{num(r.get('peak_memory_gib'), '.1f')} | {num(r.get('tflop_per_step'), '.3g')} | "
+            f"{num(share * 100 if share is not None else None, '.1f')} | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="tiny UNet, 1/8 sizes (the default without CUDA)")
+    size.add_argument("--full-size", action="store_true", help="full-size SDXL UNet (the default with CUDA)")
+    parser.add_argument("--configs", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 GPU, 3 CPU)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default: 3 GPU, 1 CPU)"
+    )
+    parser.add_argument("--memory-cap-gib", type=float, default=24.0, help="emulate a card this size (GPU)")
+    parser.add_argument("--no-memory-cap", action="store_true", help="use the whole GPU")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="frozen-weight dtype (default: bf16 on a GPU, no on a CPU)",
+    )
+    parser.add_argument(
+        "--full-dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="weight dtype of full fine-tuning (c) (default: bf16 under bf16, else fp32)",
+    )
+    parser.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
+    parser.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense bf16 peak, if not in the table"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)")
+    parser.add_argument(
+        "--meta-flops",
+        action="store_true",
+        help="only count full-size FLOPs per image of each configuration on the meta device",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _meta_flops(configs: list[BenchConfig]) -> int:
+    for config in configs:
+        flops = count_flops_per_image_on_meta(SDXL_UNET_CONFIG, config)
+        row = {"config": config.key, "what": config.what, "width": config.width, "height": config.height}
+        row.update(tflop_per_image=flops / 1e12, tflop_per_step=flops * config.batch_size / 1e12)
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from loratk.models.sdxl import DTYPES
+    from loratk.models.tiny import TINY_UNET_CONFIG
+
+    cuda = torch.cuda.is_available()
+    tiny = args.tiny or not (args.full_size or cuda)
+    steps = args.steps if args.steps is not None else (10 if cuda and not tiny else 3)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda and not tiny else 1)
+    mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
+    full_dtype = args.full_dtype or ("bf16" if mixed_precision == "bf16" else "fp32")
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    device = accelerator.device
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    )
+    peak_tflops = args.peak_tflops or (find_bf16_peak_tflops(device_name) if device.type == "cuda" else None)
+    if device.type == "cuda" and not args.no_memory_cap:
+        total = torch.cuda.get_device_properties(device).total_memory
+        fraction = min(1.0, args.memory_cap_gib * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+    wanted = [k.strip() for k in args.configs.split(",") if k.strip()]
+    unknown = sorted(set(wanted) - {c.key for c in CONFIGS})
+    if unknown:
+        print(f"error: unknown configuration(s) {unknown}; choose from a, b, c, d", file=sys.stderr)
+        return 2
+    configs = [c for c in CONFIGS if c.key in wanted]
+    if args.meta_flops:
+        return _meta_flops(configs)
+    if tiny:
+        configs = [tiny_version(c) for c in configs]
+    if args.no_checkpointing:
+        configs = [replace(c, gradient_checkpointing=False) for c in configs]
+    unet_config = TINY_UNET_CONFIG if tiny else SDXL_UNET_CONFIG
+    header = {
+        "device": device_name,
+        "unet": "tiny" if tiny else "full-size SDXL",
+        "mixed_precision": mixed_precision,
+        "full_dtype": full_dtype,
+        "memory_cap_gib": None if (args.no_memory_cap or device.type != "cuda") else args.memory_cap_gib,
+        "bf16_peak_tflops": peak_tflops,
+        "steps": steps,
+        "warmup": warmup,
+        "torch": torch.__version__,
+    }
+    print(json.dumps(header))
+    rows = []
+    for config in configs:
+        row = run_config(
+            accelerator,
+            config,
+            unet_config,
+            steps=steps,
+            warmup=warmup,
+            weight_dtype=DTYPES[mixed_precision],
+            full_dtype=DTYPES[full_dtype],
+            peak_tflops=peak_tflops,
+            attention=args.attention,
+            channels_last=args.channels_last,
+            compile_unet=args.compile,
+        )
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
