@@ -70,3 +70,17 @@ def test_per_sample_mse_and_prior_loss():
     torch.testing.assert_close(compute_per_sample_mse(pred, target), torch.tensor([2.5, 5.0]))
     total = compute_prior_preservation_loss(torch.tensor(2.0), torch.tensor(3.0), 0.5)
     assert total.item() == pytest.approx(3.5)
+
+
+def test_a_samples_noise_depends_on_its_seed_not_on_its_batch(tiny_sdxl_dir):
+    from loratk.models.sdxl import load_sdxl
+    from loratk.objectives.denoising import SDXLDenoiser
+
+    denoiser = SDXLDenoiser(
+        load_sdxl(str(tiny_sdxl_dir)), device=torch.device("cpu"), weight_dtype=torch.float32
+    )
+    latents = torch.zeros(3, 4, 8, 8)
+    noise, steps = denoiser.draw_noise(latents, [11, 22, 33])
+    alone, alone_steps = denoiser.draw_noise(latents[1:2], [22])
+    assert torch.equal(noise[1:2], alone) and steps[1] == alone_steps[0]
+    assert not torch.equal(noise[0], noise[1])

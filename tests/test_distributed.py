@@ -86,6 +86,8 @@ def _launch(recipe: Path, cwd: Path, processes: int, *overrides: str) -> subproc
 def test_two_processes_write_the_same_outputs_as_one(tmp_path, tiny_sdxl_dir, images_dir):
     from loratk.recipe import dump_recipe
 
+    # 6 images in 3 aspect buckets give an uneven number of batches: every rank must still get the same
+    # number of steps, or the run would hang at the epoch end (the subprocess timeout catches a hang).
     recipe = make_recipe(
         tmp_path,
         tiny_sdxl_dir,
@@ -109,3 +111,119 @@ def test_two_processes_write_the_same_outputs_as_one(tmp_path, tiny_sdxl_dir, im
     assert names("two") == names("one")
     lines = [json.loads(x) for x in (tmp_path / "runs" / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]  # 6 images / (2 x 2) -> 2 steps per epoch, metrics once
+
+
+DRIVER = """
+import os, signal, sys
+from loratk.recipe import load_recipe
+from loratk.train import TrainingRun
+
+run = TrainingRun(load_recipe(sys.argv[1]))
+run.setup()
+kill_at = int(os.environ.get("KILL_AT", 0))
+def hook(state):
+    if state.global_step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+run.train(step_hooks=[hook])
+run.cleanup()
+"""
+
+
+def _write(tmp_path: Path, tiny_sdxl_dir: Path, images_dir: Path, name: str, **sections) -> Path:
+    from loratk.recipe import dump_recipe
+
+    recipe = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name=name, output_dir="runs", **sections)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(dump_recipe(recipe))
+    return path
+
+
+def _weights(path: Path) -> dict:
+    from loratk.core.checkpoint import load_safetensors
+
+    return load_safetensors(path)[0]
+
+
+@pytest.mark.slow
+def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, tiny_sdxl_dir, images_dir):
+    import torch
+
+    for extra in sorted(images_dir.iterdir())[8:]:  # 4 images, one bucket, file order: a fixed data order
+        extra.unlink()
+    common = dict(
+        data={"dir": "images", "buckets": False, "shuffle": False, "repeats": 2},
+        # Adam turns float-rounding noise in near-zero gradients into +-lr steps: a small lr keeps that noise
+        # under the tolerance while the weights still move (checked below).
+        train={"epochs": 2, "learning_rate": 1e-3},
+        export={"dtype": "fp32"},
+    )
+    one = _write(
+        tmp_path,
+        tiny_sdxl_dir,
+        images_dir,
+        "one",
+        **{**common, "train": {**common["train"], "batch_size": 4}},
+    )
+    two = _write(
+        tmp_path,
+        tiny_sdxl_dir,
+        images_dir,
+        "two",
+        **{**common, "train": {**common["train"], "batch_size": 2}},
+    )
+    assert _launch(one, tmp_path, 1).returncode == 0
+    proc = _launch(two, tmp_path, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _weights(tmp_path / "runs/one/one.safetensors"), _weights(tmp_path / "runs/two/two.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)  # atol: summation-order noise near 0
+    before = _weights(tmp_path / "runs/one/epoch1.safetensors")
+    assert any(not torch.equal(before[k], a[k]) for k in a)  # it trained
+
+
+@pytest.mark.slow
+def test_kill_and_resume_with_two_processes_ends_with_the_same_weights(tmp_path, tiny_sdxl_dir, images_dir):
+    sections = dict(
+        data={"dir": "images"}, train={"epochs": 2, "learning_rate": 1e-2, "save_state_every_n_steps": 1}
+    )
+    recipe = _write(tmp_path, tiny_sdxl_dir, images_dir, "run", **sections)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    accelerate = Path(sys.executable).with_name("accelerate")
+
+    def launch(**env: int) -> subprocess.CompletedProcess:
+        full = dict(
+            os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()}
+        )
+        cmd = [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+            "driver.py",
+            str(recipe),
+        ]
+        return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=600)
+
+    assert launch().returncode == 0
+
+    def trace() -> list[tuple]:
+        lines = [json.loads(x) for x in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], float.hex(r["train/loss"]), float.hex(r["lr/unet"])) for r in lines]
+
+    reference, metrics = (tmp_path / "runs/run/epoch2.safetensors").read_bytes(), trace()
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    assert launch(KILL_AT=3).returncode != 0  # both ranks die after step 3 (mid-run, epoch 2)
+    resumed = launch()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "runs/run/epoch2.safetensors").read_bytes() == reference
+    assert trace() == metrics
+
+
+def test_each_process_gets_its_own_deterministic_seed():
+    from loratk.core.loop import compute_step_seed
+
+    assert compute_step_seed(1, 5, 0) == compute_step_seed(1, 5, 0)
+    assert len({compute_step_seed(1, 5, rank) for rank in range(8)}) == 8

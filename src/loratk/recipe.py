@@ -118,6 +118,9 @@ class DataConfig(_Section):
     cache_text_embeddings: bool = Field(True, description="encode each caption once (frozen text encoders)")
     cache_dir: str | None = Field(None, description="default: $LORATK_CACHE/data (~/.cache/loratk/data)")
     num_workers: int = Field(0, ge=0)
+    shuffle: bool = Field(
+        True, description="reshuffle batches each epoch from (seed, epoch); false = file order"
+    )
 
     @field_validator("resolution")
     @classmethod

@@ -487,6 +487,7 @@ class TrainingRun:
             batch_size=recipe.train.batch_size,
             seed=recipe.seed,
             num_workers=recipe.data.num_workers,
+            shuffle=recipe.data.shuffle,
         )
         optimizer = build_optimizer(
             self.adapter.param_groups(self.model, recipe.train.learning_rate),

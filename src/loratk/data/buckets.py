@@ -160,13 +160,16 @@ class SeededBatchSampler:
     `groups` lists, per item, the group (bucket) it belongs to; a batch never mixes groups.
     """
 
-    def __init__(self, groups: Sequence[int], batch_size: int, seed: int, drop_last: bool = False):
+    def __init__(
+        self, groups: Sequence[int], batch_size: int, seed: int, drop_last: bool = False, shuffle: bool = True
+    ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.groups = list(groups)
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
+        self.shuffle = shuffle  # False: file order, bucket by bucket (a fixed order for comparisons)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -180,12 +183,14 @@ class SeededBatchSampler:
         out: list[list[int]] = []
         for group in sorted(by_group):
             members = by_group[group]
-            rng.shuffle(members)
+            if self.shuffle:
+                rng.shuffle(members)
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
                 if len(batch) == self.batch_size or not self.drop_last:
                     out.append(batch)
-        rng.shuffle(out)
+        if self.shuffle:
+            rng.shuffle(out)
         return out
 
     def __iter__(self) -> Iterator[list[int]]:

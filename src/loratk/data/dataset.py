@@ -201,6 +201,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "crop_top_left": transform.crop_top_left,
             "target_size": (transform.bucket[1], transform.bucket[0]),
             "path": str(record.path),
+            # Noise and timestep of this sample: a function of (seed, epoch, index) alone, so the same sample
+            # gets the same noise whatever the batch size or the number of processes.
+            "noise_seed": self._rng(index, self.epoch, "-noise").getrandbits(63),
         }
         if self.latent_cache is not None:
             from loratk.data.cache import sample_latents
@@ -223,6 +226,7 @@ def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
         "crop_top_lefts": torch.tensor([item["crop_top_left"] for item in items]),
         "target_sizes": torch.tensor([item["target_size"] for item in items]),
         "paths": [item["path"] for item in items],
+        "noise_seeds": [item["noise_seed"] for item in items],
     }
     for key in ("pixel_values", "latents", "prompt_embeds", "pooled_prompt_embeds"):
         if key in items[0]:
@@ -231,10 +235,10 @@ def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_dataloader(
-    dataset: ImageCaptionDataset, *, batch_size: int, seed: int, num_workers: int = 0
+    dataset: ImageCaptionDataset, *, batch_size: int, seed: int, num_workers: int = 0, shuffle: bool = True
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose batches come from one bucket each and depend only on (seed, epoch)."""
-    sampler = SeededBatchSampler(dataset.groups(), batch_size, seed)
+    sampler = SeededBatchSampler(dataset.groups(), batch_size, seed, shuffle=shuffle)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -80,12 +80,35 @@ class SDXLDenoiser:
         else:
             embeds, pooled = self.encode_captions(batch["captions"])
         time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
-        return {
+        inputs = {
             "latents": latents,
             "prompt_embeds": embeds,
             "pooled": pooled,
             "time_ids": time_ids.to(self.device),
         }
+        if "noise_seeds" in batch:
+            inputs["noise_seeds"] = batch["noise_seeds"]
+        return inputs
+
+    def draw_noise(self, latents: torch.Tensor, seeds: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise (with the noise offset) and timesteps. Per sample from its own seed when given, so a sample's
+        noise does not depend on its batch or process; else from the (per-step reseeded) global RNG."""
+        batch_size, channels = latents.shape[:2]
+        if seeds is None:
+            noise = torch.randn_like(latents)
+            offset = torch.randn(batch_size, channels, 1, 1, device=latents.device)
+            timesteps = torch.randint(0, self.num_train_timesteps, (batch_size,), device=latents.device)
+        else:
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(
+                latents.device
+            )
+            offset = torch.stack([torch.randn(channels, 1, 1, generator=g) for g in gens]).to(latents.device)
+            steps = [int(torch.randint(0, self.num_train_timesteps, (1,), generator=g)) for g in gens]
+            timesteps = torch.tensor(steps, device=latents.device)
+        if self.noise_offset:
+            noise = apply_noise_offset(noise, self.noise_offset, offset)
+        return noise, timesteps
 
     def per_sample_loss(
         self,
@@ -95,17 +118,13 @@ class SDXLDenoiser:
     ) -> torch.Tensor:
         """Noise the latents, predict with the UNet, return the weighted MSE per sample [B].
 
-        Noise and timesteps are drawn at random unless given (a fixed evaluation set passes them).
+        Noise and timesteps are drawn (see `draw_noise`) unless given (a fixed evaluation set passes them).
         """
         latents = inputs["latents"].float()
-        batch_size = latents.shape[0]
-        if noise is None:
-            noise = torch.randn_like(latents)
-            if self.noise_offset:
-                offset = torch.randn(batch_size, latents.shape[1], 1, 1, device=latents.device)
-                noise = apply_noise_offset(noise, self.noise_offset, offset)
-        if timesteps is None:
-            timesteps = torch.randint(0, self.num_train_timesteps, (batch_size,), device=latents.device)
+        if noise is None or timesteps is None:
+            drawn_noise, drawn_timesteps = self.draw_noise(latents, inputs.get("noise_seeds"))
+            noise = drawn_noise if noise is None else noise
+            timesteps = drawn_timesteps if timesteps is None else timesteps
         noisy = compute_noisy_latents(latents, noise, timesteps, self.alphas_cumprod)
         prediction = self.model.unet(
             noisy.to(self.weight_dtype),
