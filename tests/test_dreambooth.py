@@ -240,9 +240,11 @@ def test_extracted_lora_full_rank_reproduces_and_low_rank_helps(tmp_path, tiny_s
     for adapter in adapters.values():
         adapter.apply(model)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # "fine-tune" the LoRA targets only, as a LoRA trainer would
+    with torch.no_grad():  # "fine-tune" the LoRA targets only, with a decaying spectrum as training gives
         for weight in adapters[64]._extract_targets(model)["unet"].values():
-            weight.add_(0.05 * torch.randn(weight.shape, generator=gen))
+            out_f, in_f = weight.shape
+            u, v = torch.randn(out_f, 4, generator=gen), torch.randn(4, in_f, generator=gen)
+            weight.add_(0.02 * u @ torch.diag(torch.tensor([1.0, 0.5, 0.1, 0.05])) @ v)
     inputs = _inputs()
     tuned = _unet_out(model.unet, inputs)
     errors = {}
