@@ -184,7 +184,9 @@ def test_full_dreambooth_trains_the_unet_only_and_exports_a_loadable_single_file
     after = _snapshot(run.model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert {k.split(".")[0] for k in changed} == {"unet"}
-    assert len([k for k in changed if k.startswith("unet.")]) > 0.9 * len([k for k in before if k.startswith("unet.")])
+    assert len([k for k in changed if k.startswith("unet.")]) > 0.9 * len(
+        [k for k in before if k.startswith("unet.")]
+    )
     assert all(p.dtype == torch.float32 for p in run.model.unet.parameters())
 
     names = {p.name for p in run.run_dir.iterdir()}
@@ -264,7 +266,9 @@ def test_extracted_lora_full_rank_reproduces_and_low_rank_helps(tmp_path, tiny_s
 def test_dreambooth_lora_export_loads_and_matches(tmp_path, tiny_sdxl_dir, images_dir):
     from diffusers import StableDiffusionXLPipeline
 
-    recipe = db_recipe(tmp_path, tiny_sdxl_dir, images_dir, method="dreambooth-lora", train={"learning_rate": 1e-2})
+    recipe = db_recipe(
+        tmp_path, tiny_sdxl_dir, images_dir, method="dreambooth-lora", train={"learning_rate": 1e-2}
+    )
     run = TrainingRun(recipe)
     run.setup()
     before = _snapshot(run.model)
@@ -285,7 +289,9 @@ def test_dreambooth_lora_export_loads_and_matches(tmp_path, tiny_sdxl_dir, image
     assert (loaded - base).abs().max() > 1e-4
 
 
-def test_full_dreambooth_with_text_encoders_fused_adafactor_and_checkpointing(tmp_path, tiny_sdxl_dir, images_dir):
+def test_full_dreambooth_with_text_encoders_fused_adafactor_and_checkpointing(
+    tmp_path, tiny_sdxl_dir, images_dir
+):
     recipe = db_recipe(
         tmp_path,
         tiny_sdxl_dir,

@@ -50,9 +50,7 @@ def test_fused_state_dict_round_trips_and_resumes_identically():
     opt = build_optimizer([{"params": list(model.parameters())}], "adamw", lr=1e-2, fused_backward=True)
     _train(model, opt, build_lr_scheduler(opt, "constant", warmup_steps=0, total_steps=4), steps=2)
     clone = copy.deepcopy(model)
-    clone_opt = build_optimizer(
-        [{"params": list(clone.parameters())}], "adamw", lr=1e-2, fused_backward=True
-    )
+    clone_opt = build_optimizer([{"params": list(clone.parameters())}], "adamw", lr=1e-2, fused_backward=True)
     clone_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     for m, o in ((model, opt), (clone, clone_opt)):
         _train(m, o, build_lr_scheduler(o, "constant", warmup_steps=0, total_steps=4), steps=2)

@@ -16,7 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_unicorngirl_recipes_are_the_seed_setup():
-    for name, method in [("unicorngirl_dreambooth", "dreambooth"), ("unicorngirl_dreambooth_lora", "dreambooth-lora")]:
+    for name, method in [
+        ("unicorngirl_dreambooth", "dreambooth"),
+        ("unicorngirl_dreambooth_lora", "dreambooth-lora"),
+    ]:
         recipe = load_recipe(REPO / "recipes" / f"{name}.toml")
         assert recipe.method == method and recipe.train.max_steps == 1000
         assert recipe.dreambooth.instance_prompt == "a picture of UnicornGirl"
@@ -29,7 +32,16 @@ def test_unicorngirl_recipes_are_the_seed_setup():
 def test_quickstart_dreambooth_through_accelerate_launch(tmp_path, method):
     accelerate = Path(sys.executable).with_name("accelerate")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    command = [str(accelerate), "launch", "--num_processes", "1", "--mixed_precision", "no", "-m", "loratk.train"]
+    command = [
+        str(accelerate),
+        "launch",
+        "--num_processes",
+        "1",
+        "--mixed_precision",
+        "no",
+        "-m",
+        "loratk.train",
+    ]
     command += ["recipes/quickstart_dreambooth.toml", f"output_dir={tmp_path}", f"method={method}"]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -59,8 +59,9 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     dir: str | None = Field(
-        None, description="folder of training images with sidecar captions (method 'lora'; DreamBooth uses "
-        "dreambooth.instance_dir)"
+        None,
+        description="folder of training images with sidecar captions (method 'lora'; DreamBooth uses "
+        "dreambooth.instance_dir)",
     )
     caption_ext: str = ".txt"
     resolution: int | tuple[int, int] = Field(
@@ -122,10 +123,14 @@ class FullConfig(_Section):
 class DreamBoothConfig(_Section):
     instance_dir: str = Field(..., description="folder of the subject's images (sidecar captions optional)")
     instance_prompt: str = Field(..., min_length=1, description="e.g. 'a picture of UnicornGirl'")
-    class_prompt: str | None = Field(None, description="e.g. 'a picture of a girl'; needed for prior preservation")
+    class_prompt: str | None = Field(
+        None, description="e.g. 'a picture of a girl'; needed for prior preservation"
+    )
     class_dir: str | None = Field(None, description="class images; default: runs/<name>/class_images")
     num_class_images: int = Field(100, gt=0, description="generated with the base model up to this count")
-    prior_preservation: bool = Field(True, description="train on class images too, so the class is not forgotten")
+    prior_preservation: bool = Field(
+        True, description="train on class images too, so the class is not forgotten"
+    )
     prior_loss_weight: float = Field(1.0, ge=0.0, description="loss = instance + weight x class")
     class_steps: int = Field(30, gt=0, description="denoising steps per class image")
     class_guidance: float = Field(7.0, ge=0, description="CFG scale of class images")
@@ -168,7 +173,8 @@ class OptimConfig(_Section):
     scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     fused_backward: bool = Field(
-        False, description="step each weight as soon as its gradient is ready (full gradients never held); "
+        False,
+        description="step each weight as soon as its gradient is ready (full gradients never held); "
         "train.max_grad_norm then clips each weight's gradient on its own",
     )
 
@@ -253,7 +259,9 @@ class Recipe(_Section):
         problems = []
         if self.method == "lora":
             if self.data.dir is None:
-                problems.append("data.dir: required for method 'lora'; set it to a folder of captioned images")
+                problems.append(
+                    "data.dir: required for method 'lora'; set it to a folder of captioned images"
+                )
             if self.dreambooth is not None:
                 problems.append("dreambooth: only for methods 'dreambooth' / 'dreambooth-lora'")
         else:

@@ -176,7 +176,9 @@ def class_dir_of(recipe: Recipe) -> Path:
     return Path(db.class_dir) if db.class_dir else recipe.run_dir / "class_images"
 
 
-def prepare_class_images(recipe: Recipe, model: Any, dataset: Any, accelerator: Any, weight_dtype: Any) -> None:
+def prepare_class_images(
+    recipe: Recipe, model: Any, dataset: Any, accelerator: Any, weight_dtype: Any
+) -> None:
     """DreamBooth with prior preservation: top up the class images (main process), then pair them."""
     if _objective_kind(recipe) != "dreambooth" or not recipe.dreambooth.prior_preservation:
         return
@@ -190,7 +192,9 @@ def prepare_class_images(recipe: Recipe, model: Any, dataset: Any, accelerator: 
     db, folder = recipe.dreambooth, class_dir_of(recipe)
     if accelerator.is_main_process:
         mixed = weight_dtype != torch.float32
-        autocast = torch.autocast(accelerator.device.type, dtype=weight_dtype) if mixed else contextlib.nullcontext()
+        autocast = (
+            torch.autocast(accelerator.device.type, dtype=weight_dtype) if mixed else contextlib.nullcontext()
+        )
         with autocast:
             generate_class_images(
                 model,
@@ -339,9 +343,7 @@ class TrainingRun:
             single_file_config=recipe.model.single_file_config,
         )
         self.adapter = build_adapter(recipe)
-        freeze_and_cast(
-            self.model, accelerator.device, self.weight_dtype, keep_fp32=self.adapter.fp32_parts
-        )
+        freeze_and_cast(self.model, accelerator.device, self.weight_dtype, keep_fp32=self.adapter.fp32_parts)
         # Class images come from the base model, before the adapter changes it.
         prepare_class_images(recipe, self.model, self.dataset, accelerator, self.weight_dtype)
         self.adapter.apply(self.model)

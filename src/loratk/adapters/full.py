@@ -77,7 +77,9 @@ class FullAdapter:
         if self.train_text_encoders:
             for name in TEXT_ENCODERS:
                 encoder = getattr(model, name)
-                regex = text_encoder_targets(encoder.config.num_hidden_layers, hasattr(encoder, "text_projection"))
+                regex = text_encoder_targets(
+                    encoder.config.num_hidden_layers, hasattr(encoder, "text_projection")
+                )
                 found[name] = target_weights(encoder, regex)
         return found
 
@@ -113,7 +115,9 @@ class FullAdapter:
         )
         written = [path, self._export_diffusers(model, path.with_name(path.stem + "_diffusers"))]
         if self.extract_lora_rank:
-            written.append(self._export_lora(model, path.with_name(path.stem + ".lora.safetensors"), metadata))
+            written.append(
+                self._export_lora(model, path.with_name(path.stem + ".lora.safetensors"), metadata)
+            )
         return written
 
     def _export_lora(self, model: Any, path: Path, metadata: dict[str, str]) -> Path:

@@ -21,7 +21,9 @@ def scan_instance_folder(folder: str | Path, instance_prompt: str, caption_ext: 
     """Every image in `folder`: its sidecar caption where there is one, else `instance_prompt`."""
     images = list_images(folder)
     if not images:
-        raise DataError([f"{folder}: no instance images; set dreambooth.instance_dir to the subject's images"])
+        raise DataError(
+            [f"{folder}: no instance images; set dreambooth.instance_dir to the subject's images"]
+        )
     records, problems = [], []
     for path in images:
         if not sidecar_path(path, caption_ext).is_file():
