@@ -21,7 +21,7 @@ def problems(data: dict) -> list[str]:
 @pytest.mark.parametrize(
     "data, expected",
     [
-        ({}, "data: set dir (one image folder) or add [[data.subsets]]"),
+        ({}, "data.dir: required for method 'lora'"),
         ({"dir": "a", "subsets": [{"dir": "b"}]}, "dir and [[data.subsets]] are both set"),
         ({"subsets": [{"dir": "b"}], "manifest": "captions/b.jsonl"}, "set manifest inside each subset"),
         ({"dir": "a", "caption_source": "manifest"}, "caption_source = 'manifest' needs manifest"),

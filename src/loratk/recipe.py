@@ -84,7 +84,10 @@ class SubsetConfig(_Section):
 
 
 class DataConfig(_Section):
-    dir: str | None = Field(None, description="folder of training images (the one-subset shorthand)")
+    dir: str | None = Field(
+        None,
+        description="folder of training images (the one-subset shorthand; DreamBooth: dreambooth.instance_dir)",
+    )
     subsets: list[SubsetConfig] = Field(
         default_factory=list, description="several folders, each its own keys"
     )
@@ -148,8 +151,6 @@ class DataConfig(_Section):
     def _check_combinations(self) -> DataConfig:
         # Messages name keys relative to [data]; the error line starts with "data: ".
         problems = []
-        if self.dir is None and not self.subsets:
-            problems.append("set dir (one image folder) or add [[data.subsets]] (several folders)")
         if self.dir is not None and self.subsets:
             problems.append("dir and [[data.subsets]] are both set; move dir into a subset")
         if self.subsets and self.manifest is not None:
@@ -208,6 +209,33 @@ class LoraConfig(_Section):
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
+class FullConfig(_Section):
+    """The full adapter (method 'dreambooth'): every UNet weight trains."""
+
+    train_text_encoders: bool = Field(False, description="also train both text encoders (more memory)")
+    text_encoder_lr: float | None = Field(None, gt=0, description="default: train.learning_rate")
+
+
+class DreamBoothConfig(_Section):
+    instance_dir: str = Field(..., description="folder of the subject's images (sidecar captions optional)")
+    instance_prompt: str = Field(..., min_length=1, description="e.g. 'a picture of UnicornGirl'")
+    class_prompt: str | None = Field(
+        None, description="e.g. 'a picture of a girl'; needed for prior preservation"
+    )
+    class_dir: str | None = Field(None, description="class images; default: runs/<name>/class_images")
+    num_class_images: int = Field(100, gt=0, description="generated with the base model up to this count")
+    prior_preservation: bool = Field(
+        True, description="train on class images too, so the class is not forgotten"
+    )
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="loss = instance + weight x class")
+    class_steps: int = Field(30, gt=0, description="denoising steps per class image")
+    class_guidance: float = Field(7.0, ge=0, description="CFG scale of class images")
+    class_batch_size: int = Field(4, gt=0, description="class images generated per batch")
+    class_seed: int = Field(0, description="class image k uses seed class_seed + k")
+    class_negative_prompt: str = ""
+    class_scheduler: Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"] = "euler"
+
+
 class TrainConfig(_Section):
     epochs: int = Field(10, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
@@ -252,6 +280,11 @@ class OptimConfig(_Section):
     eps: float = Field(1e-8, gt=0)
     scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
+    fused_backward: bool = Field(
+        False,
+        description="step each weight as soon as its gradient is ready (full gradients never held); "
+        "train.max_grad_norm then clips each weight's gradient on its own",
+    )
 
 
 # ---- [performance]: memory and speed. None of these changes what is trained, only how fast and in how much
@@ -267,8 +300,15 @@ class PerformanceConfig(_Section):
 
 class ExportConfig(_Section):
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
-    every_n_epochs: int = Field(1, gt=0)
-    diffusers: bool = Field(False, description="also write the PEFT/diffusers layout to <name>_diffusers/")
+    every_n_epochs: int | None = Field(
+        None, gt=0, description="default: 1 for LoRA adapters, final only for full (DreamBooth) weights"
+    )
+    diffusers: bool = Field(
+        False, description="LoRA: also write the PEFT/diffusers layout to <name>_diffusers/ (full: always)"
+    )
+    extract_lora_rank: int | None = Field(
+        None, gt=0, description="full runs: also write <name>.lora.safetensors, SVD of (tuned - base)"
+    )
 
 
 class SampleConfig(_Section):
@@ -324,8 +364,10 @@ class Recipe(_Section):
     output_dir: str = "runs"
     seed: int = 42
     model: ModelConfig = ModelConfig()
-    data: DataConfig
+    data: DataConfig = DataConfig()
+    dreambooth: DreamBoothConfig | None = None
     lora: LoraConfig = LoraConfig()
+    full: FullConfig = FullConfig()
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     performance: PerformanceConfig = PerformanceConfig()
@@ -334,8 +376,45 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _check_method(self) -> Recipe:
-        if self.method != "lora":
-            raise ValueError(f"method {self.method!r} is not available yet in this version; use 'lora'")
+        problems = []
+        if self.method == "lora":
+            if self.data.dir is None and not self.data.subsets:
+                problems.append(
+                    "data.dir: required for method 'lora': set it to a folder of captioned images "
+                    "(or add [[data.subsets]] for several folders)"
+                )
+            if self.dreambooth is not None:
+                problems.append("dreambooth: only for methods 'dreambooth' / 'dreambooth-lora'")
+        else:
+            db = self.dreambooth
+            if db is None:
+                problems.append(
+                    f"dreambooth: method {self.method!r} needs a [dreambooth] section "
+                    "(instance_dir, instance_prompt, class_prompt)"
+                )
+            elif db.prior_preservation and not db.class_prompt:
+                problems.append(
+                    "dreambooth.class_prompt: required with prior_preservation = true (e.g. 'a picture of a girl')"
+                )
+            if self.data.dir is not None or self.data.subsets:
+                problems.append(
+                    "data.dir: not used by DreamBooth (nor [[data.subsets]]); set dreambooth.instance_dir instead"
+                )
+        if self.optim.fused_backward:
+            if self.train.gradient_accumulation_steps > 1:
+                problems.append(
+                    "optim.fused_backward: steps each weight during backward, so it cannot accumulate; "
+                    "set train.gradient_accumulation_steps = 1 (or fused_backward = false)"
+                )
+            if self.train.mixed_precision == "fp16":
+                problems.append(
+                    "optim.fused_backward: fp16 needs a gradient scaler, which steps all weights at once; "
+                    "use train.mixed_precision = 'bf16' (or fused_backward = false)"
+                )
+        if self.export.extract_lora_rank is not None and self.method != "dreambooth":
+            problems.append("export.extract_lora_rank: only for full weights (method 'dreambooth')")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -391,9 +470,10 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     except ValidationError as err:
         problems: dict[str, str] = {}
         for e in err.errors():
-            line = _describe(e)
-            # A union field (e.g. `targets`) fails once per member; one line per key is enough.
-            problems.setdefault(line.split(":", 1)[0], line)
+            # The cross-section checks report several lines at once, each with its own path.
+            for line in _describe(e).split("\n"):
+                # A union field (e.g. `targets`) fails once per member; one line per key is enough.
+                problems.setdefault(line.split(":", 1)[0], line)
         raise RecipeError(source, list(problems.values())) from None
 
 
@@ -527,5 +607,6 @@ def _describe(error: dict[str, Any]) -> str:
             f"{path}: {given!r} is not allowed; use letters, digits, '_', '-' and '.' (no spaces or slashes)"
         )
     if kind == "value_error":
-        return f"{path}: {ctx.get('error', error['msg'])}"
+        message = str(ctx.get("error", error["msg"]))
+        return message if not loc else f"{path}: {message}"
     return f"{path}: {error['msg'].lower()}, got {given!r}"

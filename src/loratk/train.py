@@ -49,7 +49,13 @@ def _clear_run_outputs(run_dir: Path, name: str) -> None:
 
     for path in [run_dir / "state", run_dir / "samples", *run_dir.glob("epoch*_diffusers")]:
         shutil.rmtree(path, ignore_errors=True)
-    for path in [run_dir / "metrics.jsonl", run_dir / "skipped.csv", run_dir / f"{name}.safetensors"]:
+    shutil.rmtree(run_dir / f"{name}_diffusers", ignore_errors=True)
+    for path in [
+        run_dir / "metrics.jsonl",
+        run_dir / "skipped.csv",
+        run_dir / f"{name}.safetensors",
+        run_dir / f"{name}.lora.safetensors",
+    ]:
         path.unlink(missing_ok=True)
     for path in run_dir.glob("epoch*.safetensors"):
         path.unlink()
@@ -84,7 +90,38 @@ def resolve_accumulation(recipe: Recipe, num_processes: int) -> int:
     return train.global_batch_size // per_step
 
 
+# Which strategy pair each method is (shared/ARCHITECTURE.md): adapter kind x objective kind.
+METHODS: dict[str, tuple[str, str]] = {
+    "lora": ("lora", "caption"),
+    "dreambooth": ("full", "dreambooth"),
+    "dreambooth-lora": ("lora", "dreambooth"),
+}
+
+
+def _adapter_kind(recipe: Recipe) -> str:
+    return METHODS[recipe.method][0]
+
+
+def _objective_kind(recipe: Recipe) -> str:
+    return METHODS[recipe.method][1]
+
+
+def _trains_text_encoders(recipe: Recipe) -> bool:
+    config = recipe.full if _adapter_kind(recipe) == "full" else recipe.lora
+    return config.train_text_encoders
+
+
 def build_adapter(recipe: Recipe) -> Any:
+    if _adapter_kind(recipe) == "full":
+        from loratk.adapters.full import FullAdapter
+
+        return FullAdapter(
+            train_text_encoders=recipe.full.train_text_encoders,
+            text_encoder_lr=recipe.full.text_encoder_lr,
+            export_dtype=recipe.export.dtype,
+            extract_lora_rank=recipe.export.extract_lora_rank,
+            lora_targets=recipe.lora.targets,
+        )
     from loratk.adapters.lora import LoraAdapter
 
     return LoraAdapter(
@@ -100,7 +137,6 @@ def build_adapter(recipe: Recipe) -> Any:
 
 
 def build_objective(recipe: Recipe, model: Any, *, device: Any, weight_dtype: Any) -> Any:
-    from loratk.objectives.caption import CaptionObjective
     from loratk.objectives.denoising import SDXLDenoiser
 
     denoiser = SDXLDenoiser(
@@ -110,8 +146,14 @@ def build_objective(recipe: Recipe, model: Any, *, device: Any, weight_dtype: An
         prediction_type=recipe.model.prediction_type,
         noise_offset=recipe.train.noise_offset,
         min_snr_gamma=recipe.train.min_snr_gamma,
-        train_text_encoders=recipe.lora.train_text_encoders,
+        train_text_encoders=_trains_text_encoders(recipe),
     )
+    if _objective_kind(recipe) == "dreambooth":
+        from loratk.objectives.dreambooth import DreamBoothObjective
+
+        return DreamBoothObjective(denoiser, prior_loss_weight=recipe.dreambooth.prior_loss_weight)
+    from loratk.objectives.caption import CaptionObjective
+
     return CaptionObjective(denoiser)
 
 
@@ -159,6 +201,62 @@ def build_data_spec(recipe: Recipe) -> Any:
         min_side=data.min_side,
         max_pixels=data.max_pixels,
     )
+
+
+def build_train_dataloader(recipe: Recipe, dataset: Any) -> Any:
+    kwargs = dict(batch_size=recipe.train.batch_size, seed=recipe.seed, num_workers=recipe.data.num_workers)
+    if _objective_kind(recipe) == "dreambooth":
+        from loratk.data.dreambooth import build_dreambooth_dataloader
+
+        return build_dreambooth_dataloader(dataset, **kwargs)
+    from loratk.data.dataset import build_dataloader
+
+    return build_dataloader(dataset, shuffle=recipe.data.shuffle, **kwargs)
+
+
+def class_dir_of(recipe: Recipe) -> Path:
+    db = recipe.dreambooth
+    return Path(db.class_dir) if db.class_dir else recipe.run_dir / "class_images"
+
+
+def prepare_class_images(
+    recipe: Recipe, model: Any, dataset: Any, accelerator: Any, weight_dtype: Any
+) -> None:
+    """DreamBooth with prior preservation: top up the class images (main process), then pair them."""
+    if _objective_kind(recipe) != "dreambooth" or not recipe.dreambooth.prior_preservation:
+        return
+    import contextlib
+
+    import torch
+
+    from loratk.class_images import generate_class_images, list_class_images
+    from loratk.data.dataset import Record
+
+    db, folder = recipe.dreambooth, class_dir_of(recipe)
+    if accelerator.is_main_process:
+        mixed = weight_dtype != torch.float32
+        autocast = (
+            torch.autocast(accelerator.device.type, dtype=weight_dtype) if mixed else contextlib.nullcontext()
+        )
+        with autocast:
+            generate_class_images(
+                model,
+                class_dir=folder,
+                prompt=db.class_prompt,
+                num_images=db.num_class_images,
+                size=recipe.data.size,
+                steps=db.class_steps,
+                guidance=db.class_guidance,
+                batch_size=db.class_batch_size,
+                seed=db.class_seed,
+                negative_prompt=db.class_negative_prompt,
+                scheduler=db.class_scheduler,
+                prediction_type=recipe.model.prediction_type,
+                model_name=recipe.model.path,
+            )
+    accelerator.wait_for_everyone()
+    paths = list_class_images(folder)[: db.num_class_images]
+    dataset.set_class_records([Record(p, db.class_prompt) for p in paths])
 
 
 def load_sample_prompts(recipe: Recipe) -> list[Any]:
@@ -220,6 +318,23 @@ def check_data(recipe: Recipe, *, progress: bool = False) -> Any:
             [f"no usable image: all {len(report.images)} have problems"], hint="run `loratk check`"
         )
     return report
+
+
+def build_dreambooth_dataset(recipe: Recipe) -> Any:
+    """Instance images (sidecar caption, else the instance prompt); class images are attached later, by
+    `prepare_class_images`."""
+    from loratk.data.dreambooth import DreamBoothDataset, scan_instance_folder
+
+    data, db = recipe.data, recipe.dreambooth
+    records = scan_instance_folder(db.instance_dir, db.instance_prompt, data.caption_ext)
+    return DreamBoothDataset(
+        [r for r in records for _ in range(data.repeats)],
+        data.size,
+        center_crop=data.center_crop,
+        random_flip=data.random_flip,
+        caption_dropout=data.caption_dropout,
+        seed=recipe.seed,
+    )
 
 
 def build_dataset(recipe: Recipe, report: Any = None) -> Any:
@@ -368,7 +483,8 @@ def _export_metadata(recipe: Recipe, dataset: Any, plan: Any) -> Any:
     unique = {r.path: r for r in dataset.records}
     by_subset: dict[str, list[str]] = {}
     for record in unique.values():
-        by_subset.setdefault(Path(record.subset).name, []).append(record.caption)
+        folder = record.subset or str(record.path.parent)
+        by_subset.setdefault(Path(folder).name, []).append(record.caption)
     tags = compute_tag_frequency(by_subset)
     recipe_toml = dump_recipe(recipe)
 
@@ -415,7 +531,6 @@ class TrainingRun:
 
         from loratk.core.checkpoint import RunLock, StateManager, atomic_write_text
         from loratk.core.optim import build_lr_scheduler, build_optimizer
-        from loratk.data.dataset import build_dataloader
         from loratk.export.epochs import EpochExporter
         from loratk.models.sdxl import (
             DTYPES,
@@ -443,16 +558,21 @@ class TrainingRun:
 
         # Data and prompt-file problems surface before any model is loaded: every image is decoded, every
         # caption read.
-        report = check_data(recipe, progress=accelerator.is_main_process)
-        self.dataset = build_dataset(recipe, report)
+        dreambooth = _objective_kind(recipe) == "dreambooth"
+        if dreambooth:
+            report, self.dataset = None, build_dreambooth_dataset(recipe)
+        else:
+            report = check_data(recipe, progress=accelerator.is_main_process)
+            self.dataset = build_dataset(recipe, report)
         sample_prompts = load_sample_prompts(recipe)
         if accelerator.is_main_process:
             self.lock = RunLock(self.run_dir)
             self.lock.acquire()
             self._prepare_run_dir()
             atomic_write_text(self.run_dir / "recipe.resolved.toml", dump_recipe(recipe))
-            self._write_skipped(report)
-            self.logger.info(f"data: {describe_buckets(self.dataset)}", main_process_only=True)
+            if report is not None:
+                self._write_skipped(report)
+                self.logger.info(f"data: {describe_buckets(self.dataset)}", main_process_only=True)
         accelerator.wait_for_everyone()
         self.candidates = self._resume_candidates()
 
@@ -464,8 +584,10 @@ class TrainingRun:
             variant=recipe.model.variant,
             single_file_config=recipe.model.single_file_config,
         )
-        freeze_and_cast(self.model, accelerator.device, self.weight_dtype)
         self.adapter = build_adapter(recipe)
+        freeze_and_cast(self.model, accelerator.device, self.weight_dtype, keep_fp32=self.adapter.fp32_parts)
+        # Class images come from the base model, before the adapter changes it.
+        prepare_class_images(recipe, self.model, self.dataset, accelerator, self.weight_dtype)
         self.adapter.apply(self.model)
         trainables = self.adapter.trainable_modules(self.model)
         if recipe.train.gradient_checkpointing:
@@ -482,13 +604,12 @@ class TrainingRun:
             compile_unet=perf.compile_unet,
         )
 
-        dataloader = build_dataloader(
-            self.dataset,
-            batch_size=recipe.train.batch_size,
-            seed=recipe.seed,
-            num_workers=recipe.data.num_workers,
-            shuffle=recipe.data.shuffle,
-        )
+        if recipe.optim.fused_backward and accelerator.num_processes > 1:
+            raise RunDirError(
+                "optim.fused_backward steps weights before gradients are averaged across processes; "
+                "train on one process or set fused_backward = false"
+            )
+        dataloader = build_train_dataloader(recipe, self.dataset)
         optimizer = build_optimizer(
             self.adapter.param_groups(self.model, recipe.train.learning_rate),
             recipe.optim.name,
@@ -496,6 +617,8 @@ class TrainingRun:
             weight_decay=recipe.optim.weight_decay,
             betas=recipe.optim.betas,
             eps=recipe.optim.eps,
+            fused_backward=recipe.optim.fused_backward,
+            max_grad_norm=recipe.train.max_grad_norm,
         )
         *self.modules, self.optimizer, self.dataloader = accelerator.prepare(
             *trainables.values(), optimizer, dataloader
@@ -526,14 +649,19 @@ class TrainingRun:
             weight_dtype=self.weight_dtype,
         )
         # Caches need the VAE and text encoders, and the plan's epoch count (crops and flips are per epoch).
-        cached = build_data_caches(
-            recipe,
-            self.dataset,
-            self.objective.denoiser,
-            self.model,
-            accelerator,
-            self.plan.num_epochs,
-            self.stop,
+        # DreamBooth's few instance images are encoded per batch (no caches).
+        cached = (
+            []
+            if dreambooth
+            else build_data_caches(
+                recipe,
+                self.dataset,
+                self.objective.denoiser,
+                self.model,
+                accelerator,
+                self.plan.num_epochs,
+                self.stop,
+            )
         )
         if accelerator.device.type != "cpu":
             # Cached parts are not needed on the GPU while training; sampling borrows them back.
@@ -547,7 +675,9 @@ class TrainingRun:
             model=self.model,
             run_dir=self.run_dir,
             name=recipe.name,
-            every_n_epochs=recipe.export.every_n_epochs,
+            # Full weights are big: by default only the final epoch is written.
+            every_n_epochs=recipe.export.every_n_epochs
+            or (self.plan.num_epochs if _adapter_kind(recipe) == "full" else 1),
             num_epochs=self.plan.num_epochs,
             metadata=_export_metadata(recipe, self.dataset, self.plan),
         )

@@ -11,6 +11,8 @@ import torch
 class Adapter(Protocol):
     """The adapter strategy the training loop and exporter rely on."""
 
+    fp32_parts: tuple[str, ...]  # model parts (`unet`, ...) loaded and kept in fp32 because they train whole
+
     def apply(self, model: Any) -> None:
         """Freeze the base model and make the adapter's parameters trainable (fp32)."""
 

@@ -50,6 +50,8 @@ def resolve_unet_targets(targets: str | list[str]) -> str | list[str]:
 class LoraAdapter:
     """Low-rank adapters on the UNet (and optionally the text encoders); the base stays frozen."""
 
+    fp32_parts: tuple[str, ...] = ()  # the base stays in the mixed-precision dtype
+
     def __init__(
         self,
         *,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,10 +54,38 @@ class EpochExporter:
         logger.info(f"epoch {epoch}: wrote {', '.join(str(f) for f in files)}", main_process_only=True)
         self.written.extend(files)
         if last:
-            self.finish(path)
+            self.finish(path, files)
 
-    def finish(self, source: Path) -> None:
-        with atomic_path(self.final_path()) as tmp:
-            shutil.copyfile(source, tmp)
-        self.written.append(self.final_path())
-        logger.info(f"final adapter: {self.final_path()}", main_process_only=True)
+    def finish(self, source: Path, files: list[Path] | None = None) -> None:
+        """Publish the last epoch's files under the run's name: `epoch9.safetensors` -> `<name>.safetensors`,
+        and likewise its companions (`epoch9.lora.safetensors`, `epoch9_diffusers/`). Hard links where the
+        file system allows, so multi-GB full checkpoints are not stored twice."""
+        for item in files or [source]:
+            target = item.with_name(self.name + item.name[len(source.stem) :])
+            if item.is_dir():
+                _link_tree(item, target)
+            else:
+                with atomic_path(target) as tmp:
+                    _link_or_copy(item, tmp)
+            self.written.append(target)
+        logger.info(f"final weights: {self.final_path()}", main_process_only=True)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    Path(target).unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.rmtree(tmp)
+        shutil.copytree(source, tmp, copy_function=_link_or_copy)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -113,18 +113,23 @@ def load_sdxl(
     return SDXLModel(**parts, source=path)
 
 
-def freeze_and_cast(model: SDXLModel, device: torch.device, weight_dtype: torch.dtype) -> None:
+def freeze_and_cast(
+    model: SDXLModel, device: torch.device, weight_dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()
+) -> None:
     """Freeze every weight and move it to `device` in the mixed-precision dtype.
 
     The VAE never runs in fp16 (the SDXL VAE overflows to NaN there): it stays fp32 under fp16, bf16 under bf16.
+    Parts named in `keep_fp32` (fully trained ones) stay in fp32, never rounded through the mixed dtype.
     """
     vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
-    for module, dtype in (
-        (model.unet, weight_dtype),
-        (model.text_encoder, weight_dtype),
-        (model.text_encoder_2, weight_dtype),
-        (model.vae, vae_dtype),
+    for name, dtype in (
+        ("unet", weight_dtype),
+        ("text_encoder", weight_dtype),
+        ("text_encoder_2", weight_dtype),
+        ("vae", vae_dtype),
     ):
+        module = getattr(model, name)
+        dtype = torch.float32 if name in keep_fp32 else dtype
         module.requires_grad_(False)
         module.to(device)
         if module.dtype != dtype:

@@ -1,0 +1,88 @@
+"""DreamBooth class images: top up `class_dir` to `num_images` with the base model, through `sampling.py`.
+
+Resumable: what is already in the folder counts, and image k always uses seed `seed + k`, so an interrupted
+run continues with exactly the images an uninterrupted one would have made. Each PNG carries its prompt and
+seed in the text metadata (A1111 `parameters`, plus `loratk.class_prompt` / `loratk.seed`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loratk.data.images import IMAGE_EXTENSIONS
+
+
+def list_class_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def class_image_name(k: int, seed: int) -> str:
+    return f"class-{k:05d}-seed{seed}.png"
+
+
+def generate_class_images(
+    model: Any,
+    *,
+    class_dir: str | Path,
+    prompt: str,
+    num_images: int,
+    size: tuple[int, int],
+    steps: int = 30,
+    guidance: float = 7.0,
+    batch_size: int = 4,
+    seed: int = 0,
+    negative_prompt: str = "",
+    scheduler: str = "euler",
+    prediction_type: str | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Generate the class images `class_dir` lacks (none if it holds `num_images` already); return them."""
+    from tqdm.auto import tqdm
+
+    from loratk.sampling import (
+        ImageSpec,
+        _model_modules,
+        build_pipeline,
+        generate_images,
+        image_parameters,
+        sampling_mode,
+        save_png,
+    )
+
+    folder = Path(class_dir)
+    existing = list_class_images(folder)
+    missing = num_images - len(existing)
+    if missing <= 0:
+        return []
+    taken = {p.name for p in existing}
+    slots: list[int] = []
+    k = 0
+    while len(slots) < missing:
+        if class_image_name(k, seed + k) not in taken:
+            slots.append(k)
+        k += 1
+    width, height = size
+    # Same index for all: `generate_images` batches specs that differ only in their seed.
+    specs = [
+        ImageSpec(prompt, negative_prompt, width, height, seed + k, steps, guidance, index=1) for k in slots
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline(model, scheduler=scheduler, prediction_type=prediction_type)
+    written: list[Path] = []
+    bar = tqdm(total=missing, desc="class images", unit="img", disable=not progress)
+    try:
+        with sampling_mode(_model_modules(model)):
+            images = generate_images(pipe, specs, batch_size=batch_size, progress=bar.update)
+            for k, (spec, image) in zip(slots, images, strict=True):
+                path = folder / class_image_name(k, spec.seed)
+                text = image_parameters(spec, scheduler=scheduler, model=model_name)
+                save_png(image, path, text, **{"loratk.class_prompt": prompt, "loratk.seed": str(spec.seed)})
+                written.append(path)
+    finally:
+        bar.close()
+    return written

@@ -1,0 +1,146 @@
+"""Full SDXL weights (diffusers parts) -> one checkpoint in the original SGM/LDM layout (A1111, ComfyUI).
+
+diffusers ships only the other direction (`loaders/single_file_utils.py`); this is its inverse, proven by a
+round trip through `StableDiffusionXLPipeline.from_single_file` in the tests.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from loratk.export.formats import diffusers_to_sgm_unet_name
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+
+Tensors = dict[str, torch.Tensor]
+
+
+def convert_unet_to_sgm(
+    state_dict: Mapping[str, torch.Tensor], *, layers_per_block: int = 2, up_blocks_with_attention: int = 2
+) -> Tensors:
+    """diffusers UNet weights -> `model.diffusion_model.*` (module paths mapped, parameter names kept)."""
+    out: Tensors = {}
+    for key, tensor in state_dict.items():
+        module, _, param = key.rpartition(".")
+        name = diffusers_to_sgm_unet_name(module, layers_per_block, up_blocks_with_attention)
+        out[f"{UNET_PREFIX}{name}.{param}"] = tensor
+    return out
+
+
+_VAE_TOP = {
+    "conv_norm_out": "norm_out",
+}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _vae_name(key: str, num_up_blocks: int) -> str:
+    side, _, rest = key.partition(".")  # encoder / decoder / quant_conv / post_quant_conv
+    if side not in ("encoder", "decoder"):
+        return key
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$", rest)
+    if m:
+        kind, i, part, j, tail = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        level = i if kind == "down" else num_up_blocks - 1 - i  # LDM numbers decoder levels bottom-up
+        if part == "resnets":
+            return f"{side}.{kind}.{level}.block.{j}.{tail.replace('conv_shortcut', 'nin_shortcut')}"
+        sampler = "downsample" if kind == "down" else "upsample"
+        return f"{side}.{kind}.{level}.{sampler}.{tail}"
+    m = re.match(r"mid_block\.resnets\.(\d+)\.(.+)$", rest)
+    if m:
+        return f"{side}.mid.block_{int(m[1]) + 1}.{m[2].replace('conv_shortcut', 'nin_shortcut')}"
+    m = re.match(r"mid_block\.attentions\.0\.(.+)\.(weight|bias)$", rest)
+    if m:
+        return f"{side}.mid.attn_1.{_VAE_ATTENTION[m[1]]}.{m[2]}"
+    head, _, param = rest.rpartition(".")
+    return f"{side}.{_VAE_TOP.get(head, head)}.{param}"
+
+
+def convert_vae_to_sgm(state_dict: Mapping[str, torch.Tensor], *, num_up_blocks: int) -> Tensors:
+    """diffusers AutoencoderKL weights -> `first_stage_model.*`; attention Linears become 1x1 convs."""
+    out: Tensors = {}
+    for key, tensor in state_dict.items():
+        name = _vae_name(key, num_up_blocks)
+        if ".mid.attn_1." in name and name.endswith("weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # [C, C] -> [C, C, 1, 1]
+        out[VAE_PREFIX + name] = tensor
+    return out
+
+
+def convert_clip_l_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> Tensors:
+    """CLIP-L (`CLIPTextModel`) weights -> `conditioner.embedders.0.transformer.text_model.*`.
+
+    transformers 5 flattened `CLIPTextModel` (no `text_model.` root); older state dicts still have it.
+    """
+    return {
+        CLIP_L_PREFIX + key.removeprefix("text_model."): tensor
+        for key, tensor in state_dict.items()
+        if not key.endswith("position_ids")
+    }
+
+
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def convert_open_clip_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> Tensors:
+    """OpenCLIP-G (`CLIPTextModelWithProjection`) weights -> `conditioner.embedders.1.model.*`.
+
+    q/k/v are fused into `attn.in_proj_weight` / `in_proj_bias`, and `text_projection` is stored transposed
+    ([width, embed_dim]), as open_clip keeps it.
+    """
+    sd = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    out: Tensors = {}
+    fixed = {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "final_layer_norm.weight": "ln_final.weight",
+        "final_layer_norm.bias": "ln_final.bias",
+    }
+    for key, name in fixed.items():
+        out[OPEN_CLIP_PREFIX + name] = sd.pop(key)
+    out[OPEN_CLIP_PREFIX + "text_projection"] = sd.pop("text_projection.weight").T.contiguous()
+    layers = sorted({int(m[1]) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        for param in ("weight", "bias"):
+            parts = [sd.pop(f"{src}self_attn.{p}_proj.{param}") for p in "qkv"]
+            out[f"{dst}attn.in_proj_{param}"] = torch.cat(parts, dim=0)
+        for key in [k for k in sd if k.startswith(src)]:
+            rest = key[len(src) :]
+            head, _, param = rest.rpartition(".")
+            out[f"{dst}{_OPEN_CLIP_LAYER.get(head, head)}.{param}"] = sd.pop(key)
+    if sd:
+        raise ValueError(f"OpenCLIP-G weights with no SGM name: {sorted(sd)[:3]}")
+    return out
+
+
+def build_sgm_checkpoint(model: Any, dtype: torch.dtype = torch.float16) -> Tensors:
+    """All four SDXL parts of `model` (UNet, VAE, CLIP-L, OpenCLIP-G) as one SGM-layout state dict."""
+    unet_config = model.unet.config
+    with_attention = sum(1 for t in unet_config.up_block_types if "CrossAttn" in t)
+    tensors: Tensors = {}
+    tensors.update(
+        convert_unet_to_sgm(
+            model.unet.state_dict(),
+            layers_per_block=unet_config.layers_per_block,
+            up_blocks_with_attention=with_attention,
+        )
+    )
+    tensors.update(
+        convert_vae_to_sgm(model.vae.state_dict(), num_up_blocks=len(model.vae.config.up_block_types))
+    )
+    tensors.update(convert_clip_l_to_sgm(model.text_encoder.state_dict()))
+    tensors.update(convert_open_clip_to_sgm(model.text_encoder_2.state_dict()))
+    return {k: v.detach().to("cpu", dtype=dtype).contiguous() for k, v in tensors.items()}
