@@ -207,6 +207,12 @@ def test_damaged_newest_state_falls_back_with_a_warning(tmp_path, tiny_sdxl_dir,
     assert run.resume_from == older
     assert "falling back to an older state" in caplog.text
     run.cleanup()
+    for state in list_complete_states(root):
+        (state / "model.safetensors").write_bytes(b"\x00" * 10)
+    run = TrainingRun(recipe.model_copy(update={"train": recipe.train.model_copy(update={"epochs": 3})}))
+    with pytest.raises(StateError, match="could be loaded(.|\n)*--overwrite"):
+        run.setup()  # never a silent fresh start on top of a half-loaded state
+    run.cleanup()
 
 
 def test_changed_math_is_refused_with_a_diff_but_more_epochs_resume(tmp_path, tiny_sdxl_dir, images_dir):

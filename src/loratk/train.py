@@ -577,14 +577,18 @@ class TrainingRun:
         self.candidates = self._resume_candidates()
 
         self.weight_dtype = DTYPES[recipe.train.mixed_precision]
-        self.model = load_sdxl(
-            recipe.model.path,
-            vae=recipe.model.vae,
-            revision=recipe.model.revision,
-            variant=recipe.model.variant,
-            single_file_config=recipe.model.single_file_config,
-        )
+        # The local main process loads first: it alone writes `builtin:` models and hub downloads into the
+        # cache (under torch.distributed, `save_pretrained` on other ranks writes no weights).
+        with accelerator.local_main_process_first():
+            self.model = load_sdxl(
+                recipe.model.path,
+                vae=recipe.model.vae,
+                revision=recipe.model.revision,
+                variant=recipe.model.variant,
+                single_file_config=recipe.model.single_file_config,
+            )
         self.adapter = build_adapter(recipe)
+        set_seed(recipe.seed)  # adapter initialisation draws from a known RNG state, whatever loading did
         freeze_and_cast(self.model, accelerator.device, self.weight_dtype, keep_fp32=self.adapter.fp32_parts)
         # Class images come from the base model, before the adapter changes it.
         prepare_class_images(recipe, self.model, self.dataset, accelerator, self.weight_dtype)
@@ -746,6 +750,12 @@ class TrainingRun:
                 f"resuming from {path}: step {state.global_step}, epoch {state.epoch}", main_process_only=True
             )
             return state
+        if self.candidates:
+            # A failed load may have changed some weights or optimizer state: never train on from there.
+            raise StateError(
+                f"none of the {len(self.candidates)} saved state(s) in {self.run_dir / 'state'} could be loaded "
+                "(see the warnings above); pass --overwrite to start again"
+            )
         return TrainState()
 
     def train(self, step_hooks: Sequence[Any] = ()) -> Any:

@@ -251,7 +251,11 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _trainable_names(models: list) -> list[set[str]]:
-    return [{n for n, p in m.named_parameters() if p.requires_grad} for m in models]
+    """Trainable parameter names as Accelerate saves them: of the unwrapped model (no DDP `module.` prefix)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    unwrapped = [extract_model_from_parallel(m) for m in models]
+    return [{n for n, p in m.named_parameters() if p.requires_grad} for m in unwrapped]
 
 
 class StateManager:

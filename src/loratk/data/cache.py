@@ -192,8 +192,10 @@ def build_latent_cache(
     unique: dict[str, LatentRequest] = {}
     for request in requests:
         unique.setdefault(cache.key(request.sha256, request.transform), request)
-    missing = [r for k, r in sorted(unique.items()) if not _readable(_entry_path(cache.folder, k))]
-    mine = missing[process_index::num_processes]
+    # Shard the full, sorted key list (the same on every process) before looking at what exists: another
+    # process may already be writing its share, so "what is missing" differs from one moment to the next.
+    shard = sorted(unique.items())[process_index::num_processes]
+    mine = [r for k, r in shard if not _readable(_entry_path(cache.folder, k))]
     by_bucket: dict[Size, list[LatentRequest]] = {}
     for request in mine:
         by_bucket.setdefault(request.transform.bucket, []).append(request)
@@ -214,7 +216,9 @@ def build_latent_cache(
                         )
                     cache.save(request, mean[i], std[i])
                 bar.update(len(batch))
-    return CacheStats(total=len(unique), reused=len(unique) - len(missing), built=len(mine))
+    return CacheStats(
+        total=len(unique), reused=len(shard) - len(mine), built=len(mine)
+    )  # this process's share
 
 
 def _render(request: LatentRequest, max_pixels: int) -> torch.Tensor:
@@ -274,8 +278,8 @@ def build_text_cache(
 ) -> CacheStats:
     """Encode every caption text (the empty caption included, when asked for) that has no entry yet."""
     unique = sorted(set(texts))
-    missing = [t for t in unique if not _readable(cache.path_for(t))]
-    mine = missing[process_index::num_processes]
+    shard = unique[process_index::num_processes]
+    mine = [t for t in shard if not _readable(cache.path_for(t))]
     with _progress(len(mine), "cache text embeddings", progress) as bar:
         for start in range(0, len(mine), batch_size):
             _stop_if_requested(should_stop)
@@ -289,4 +293,6 @@ def build_text_cache(
                     )
                 cache.save(text, embeds[i], pooled[i])
             bar.update(len(batch))
-    return CacheStats(total=len(unique), reused=len(unique) - len(missing), built=len(mine))
+    return CacheStats(
+        total=len(unique), reused=len(shard) - len(mine), built=len(mine)
+    )  # this process's share

@@ -97,6 +97,11 @@ def _text_config(tokenizer, projection_dim: int):
 
 def build_tiny_sdxl_pipeline(seed: int = 0):
     """Build a tiny random `StableDiffusionXLPipeline`, identical for a given seed."""
+    with torch.random.fork_rng(devices=[]):  # building leaves the caller's RNG as it was
+        return _build_tiny_sdxl_pipeline(seed)
+
+
+def _build_tiny_sdxl_pipeline(seed: int):
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
