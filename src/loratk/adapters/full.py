@@ -141,18 +141,9 @@ class FullAdapter:
 
     @staticmethod
     def _export_diffusers(model: Any, folder: Path) -> Path:
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+        from loratk.sampling import build_pipeline
 
-        pipe = StableDiffusionXLPipeline(
-            vae=model.vae,
-            text_encoder=model.text_encoder,
-            text_encoder_2=model.text_encoder_2,
-            tokenizer=model.tokenizer,
-            tokenizer_2=model.tokenizer_2,
-            unet=model.unet,
-            scheduler=EulerDiscreteScheduler.from_config(model.noise_scheduler.config),
-            add_watermarker=False,
-        )
+        pipe = build_pipeline(model, scheduler="euler")  # the folder users load: Euler, never DDIM
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             pipe.save_pretrained(tmp, safe_serialization=True)
