@@ -108,3 +108,17 @@ def test_frozen_weights_take_the_mixed_precision_dtype_but_the_vae_never_fp16(
     assert model.unet.dtype == expected and model.text_encoder.dtype == expected
     assert model.vae.dtype == vae_expected
     assert not any(p.requires_grad for p in model.unet.parameters())
+
+
+def test_model_loads_from_a_single_file_checkpoint(tiny_sdxl_dir, tmp_path):
+    from loratk.core.checkpoint import save_safetensors_atomic
+    from loratk.export.single_file import build_sgm_checkpoint
+
+    base = load_sdxl(str(tiny_sdxl_dir))
+    path = tmp_path / "base.safetensors"
+    save_safetensors_atomic(build_sgm_checkpoint(base, dtype=torch.float32), path)
+    model = load_sdxl(str(path), single_file_config=str(tiny_sdxl_dir))  # offline: configs from the folder
+    loaded, original = model.unet.state_dict(), base.unet.state_dict()
+    assert loaded.keys() == original.keys()
+    assert all(torch.equal(loaded[k], original[k]) for k in original)
+    assert model.source == str(path) and model.noise_scheduler.config.num_train_timesteps == 1000
