@@ -309,3 +309,18 @@ def test_full_dreambooth_with_text_encoders_fused_adafactor_and_checkpointing(
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"unet", "text_encoder", "text_encoder_2"}
     assert not (tmp_path / "class").exists()
+
+
+def test_instance_images_use_their_caption_or_fall_back_to_the_instance_prompt(images_dir, tmp_path):
+    from loratk.data.dataset import DataError
+    from loratk.data.dreambooth import scan_instance_folder
+
+    (images_dir / "boat.txt").unlink()
+    records = {r.path.name: r.caption for r in scan_instance_folder(images_dir, "a picture of sks")}
+    assert records["boat.png"] == "a picture of sks"
+    assert records["pine.png"] == (images_dir / "pine.txt").read_text().strip()
+    (images_dir / "pine.txt").write_text("  ")
+    with pytest.raises(DataError, match="pine.txt: caption is empty"):
+        scan_instance_folder(images_dir, "a picture of sks")
+    with pytest.raises(DataError, match="no instance images; set dreambooth.instance_dir"):
+        scan_instance_folder(tmp_path, "x")

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from loratk.data.buckets import SeededBatchSampler, Size, Transform, compute_transform
-from loratk.data.captions import CaptionError, read_sidecar_caption, shuffle_tags, tag_shuffle_variant
+from loratk.data.captions import (
+    CaptionError,
+    read_sidecar_caption,
+    shuffle_tags,
+    sidecar_path,
+    tag_shuffle_variant,
+)
 from loratk.data.images import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
@@ -56,16 +62,27 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def scan_image_folder(folder: str | Path, caption_ext: str = ".txt") -> list[Record]:
+def scan_image_folder(
+    folder: str | Path,
+    caption_ext: str = ".txt",
+    *,
+    fallback_caption: str | None = None,
+    empty_hint: str = "",
+) -> list[Record]:
     """Every image in `folder` with its sidecar caption; all missing/unreadable captions reported together.
 
-    A quick scan without decoding; training uses the full preflight (`loratk.data.check`).
+    With `fallback_caption`, an image without a sidecar file gets that caption (DreamBooth's instance prompt)
+    instead of an error. A quick scan without decoding; training uses the full preflight (`loratk.data.check`).
     """
     images = list_images(folder)
     if not images:
-        raise DataError([f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}); put training images there"])
+        hint = empty_hint or f"no images ({', '.join(IMAGE_EXTENSIONS)}); put training images there"
+        raise DataError([f"{folder}: {hint}"])
     records, problems = [], []
     for path in images:
+        if fallback_caption is not None and not sidecar_path(path, caption_ext).is_file():
+            records.append(Record(path, fallback_caption))
+            continue
         try:
             records.append(Record(path, read_sidecar_caption(path, caption_ext)))
         except CaptionError as err:

@@ -13,29 +13,17 @@ from typing import Any
 import torch
 
 from loratk.data.buckets import SeededBatchSampler
-from loratk.data.captions import CaptionError, read_sidecar_caption, sidecar_path
-from loratk.data.dataset import DataError, ImageCaptionDataset, Record, collate_batch, list_images
+from loratk.data.dataset import DataError, ImageCaptionDataset, Record, collate_batch, scan_image_folder
 
 
 def scan_instance_folder(folder: str | Path, instance_prompt: str, caption_ext: str = ".txt") -> list[Record]:
     """Every image in `folder`: its sidecar caption where there is one, else `instance_prompt`."""
-    images = list_images(folder)
-    if not images:
-        raise DataError(
-            [f"{folder}: no instance images; set dreambooth.instance_dir to the subject's images"]
-        )
-    records, problems = [], []
-    for path in images:
-        if not sidecar_path(path, caption_ext).is_file():
-            records.append(Record(path, instance_prompt))
-            continue
-        try:
-            records.append(Record(path, read_sidecar_caption(path, caption_ext)))
-        except CaptionError as err:
-            problems.append(str(err))
-    if problems:
-        raise DataError(problems)
-    return records
+    return scan_image_folder(
+        folder,
+        caption_ext,
+        fallback_caption=instance_prompt,
+        empty_hint="no instance images; set dreambooth.instance_dir to the subject's images",
+    )
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
