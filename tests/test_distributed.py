@@ -227,3 +227,157 @@ def test_each_process_gets_its_own_deterministic_seed():
 
     assert compute_step_seed(1, 5, 0) == compute_step_seed(1, 5, 0)
     assert len({compute_step_seed(1, 5, rank) for rank in range(8)}) == 8
+
+
+# ---------------------------------------------------------------- sharded engines: export, launch checks
+
+
+def _lora_model(tmp_path, tiny_sdxl_dir, images_dir):
+    from loratk.models.sdxl import load_sdxl
+    from loratk.train import build_adapter
+
+    model = load_sdxl(str(tiny_sdxl_dir))
+    adapter = build_adapter(make_recipe(tmp_path, tiny_sdxl_dir, images_dir))
+    adapter.apply(model)
+    return model, adapter
+
+
+def test_every_rank_gathers_the_weights_and_only_the_main_process_writes_them(
+    tmp_path, tiny_sdxl_dir, images_dir
+):
+    """Under FSDP a rank's live module holds a shard; the export must write the gathered full weights."""
+    import torch
+    from accelerate import PartialState
+
+    from loratk.export.epochs import EpochExporter
+
+    PartialState(cpu=True)  # the exporter logs through Accelerate
+
+    model, adapter = _lora_model(tmp_path, tiny_sdxl_dir, images_dir)
+    live = model.unet.state_dict()
+    gathered = {"unet": {k: torch.full_like(v, 0.5) if "lora_" in k else v for k, v in live.items()}}
+    calls = []
+
+    def gather():
+        calls.append("gather")
+        return gathered
+
+    common = dict(adapter=adapter, model=model, name="t", every_n_epochs=1, num_epochs=2, gather=gather)
+    metadata = lambda epoch, step: {"loratk.epoch": str(epoch)}  # noqa: E731
+    (tmp_path / "rank1").mkdir()
+    EpochExporter(run_dir=tmp_path / "rank1", is_main=False, metadata=metadata, **common)(1, 3)
+    assert calls == ["gather"] and list((tmp_path / "rank1").iterdir()) == []
+    (tmp_path / "rank0").mkdir()
+    EpochExporter(run_dir=tmp_path / "rank0", is_main=True, metadata=metadata, **common)(1, 3)
+    tensors = _weights(tmp_path / "rank0" / "epoch1.safetensors")
+    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    assert lora and all(torch.all(v == 0.5) for v in lora.values())
+    assert not all(torch.all(v == 0.5) for k, v in live.items() if "lora_A" in k)  # the live ones differ
+
+
+def test_full_export_writes_the_gathered_weights_not_the_live_shard(tmp_path, tiny_sdxl_dir):
+    import torch
+
+    from loratk.adapters.full import FullAdapter
+    from loratk.models.sdxl import load_sdxl
+
+    model = load_sdxl(str(tiny_sdxl_dir))
+    adapter = FullAdapter(export_dtype="fp32")
+    adapter.apply(model)
+    live = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    gathered = {"unet": {k: v + 1.0 if v.is_floating_point() else v for k, v in live.items()}}
+    files = adapter.export(model, tmp_path / "epoch1.safetensors", {}, weights=gathered)
+    tensors = _weights(files[0])
+    torch.testing.assert_close(
+        tensors["model.diffusion_model.input_blocks.0.0.weight"], live["conv_in.weight"] + 1.0
+    )
+    assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in live.items())  # live model untouched
+
+
+class _FakeAccelerator:
+    def __init__(self, kind: str, processes: int, zero_stage: int | None = None):
+        from types import SimpleNamespace
+
+        self.distributed_type = f"DistributedType.{kind}"
+        self.num_processes = processes
+        self.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage))
+
+
+@pytest.mark.parametrize(
+    ("engine", "sections", "sampling", "message"),
+    [
+        (("FSDP", 2), {}, True, r"\[sample\] renders on the main process alone, but FSDP shards"),
+        (("DEEPSPEED", 2, 3), {}, True, r"DeepSpeed ZeRO-3 shards the weights(.|\n)*loratk sample"),
+        (("DEEPSPEED", 2, 2), {"lora": {"train_text_encoders": True}}, False, r"lora.train_text_encoders"),
+        (("MULTI_GPU", 2), {"optim": {"name": "adafactor", "fused_backward": True}}, False, "fused_backward"),
+    ],
+)
+def test_the_launch_check_refuses_what_the_engine_cannot_run(tmp_path, engine, sections, sampling, message):
+    from loratk.train import LaunchError, check_launch
+
+    recipe = make_recipe(tmp_path, "m", tmp_path, **sections)
+    with pytest.raises(LaunchError, match=message):
+        check_launch(recipe, _FakeAccelerator(*engine), samples_during_training=sampling)
+
+
+@pytest.mark.parametrize("engine", [("DEEPSPEED", 2, 2), ("MULTI_GPU", 2), ("FSDP", 2), ("NO", 1)])
+def test_the_launch_check_lets_sampling_run_where_the_main_process_holds_every_weight(tmp_path, engine):
+    from loratk.train import check_launch
+
+    recipe = make_recipe(tmp_path, "m", tmp_path)
+    check_launch(recipe, _FakeAccelerator(*engine), samples_during_training=engine[0] != "FSDP")
+
+
+PREFLIGHT_DRIVER = """
+import json, sys
+from pathlib import Path
+from accelerate import Accelerator
+from loratk.data import check
+from loratk.data.dataset import DataError
+from loratk.recipe import load_recipe
+from loratk.train import check_data_once, use_cpu_for_multiprocess_launch
+
+calls = []
+real = check.run_preflight
+check.run_preflight = lambda *a, **k: calls.append(1) or real(*a, **k)
+accelerator = Accelerator(cpu=use_cpu_for_multiprocess_launch())
+results = {}
+for recipe in sys.argv[1:]:
+    try:
+        results[recipe] = {"good": len(check_data_once(load_recipe(recipe), accelerator).good)}
+    except DataError as err:
+        results[recipe] = {"error": str(err)}
+results["preflights"] = len(calls)
+Path(f"rank{accelerator.process_index}.json").write_text(json.dumps(results))
+accelerator.end_training()  # destroys the process group before exit
+"""
+
+
+@pytest.mark.slow
+def test_the_preflight_runs_once_and_every_rank_gets_its_report_or_its_error(
+    tmp_path, tiny_sdxl_dir, images_dir
+):
+    import shutil
+
+    bad = tmp_path / "bad_images"
+    shutil.copytree(images_dir, bad)
+    (bad / "broken.png").write_bytes(b"not a png")
+    good_recipe = _write(tmp_path, tiny_sdxl_dir, images_dir, "good")
+    bad_recipe = _write(tmp_path, tiny_sdxl_dir, bad, "bad")
+    (tmp_path / "driver.py").write_text(PREFLIGHT_DRIVER)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    config = str(REPO / "accelerate_configs" / "cpu_2proc.yaml")
+    done = subprocess.run(
+        [str(accelerate), "launch", "--config_file", config, "driver.py", str(good_recipe), str(bad_recipe)],
+        cwd=tmp_path,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert (rank0["preflights"], rank1["preflights"]) == (2, 0)
+    assert rank0[str(good_recipe)] == rank1[str(good_recipe)] == {"good": 6}
+    assert "broken.png" in rank1[str(bad_recipe)]["error"]
+    assert rank0[str(bad_recipe)] == rank1[str(bad_recipe)]

@@ -73,3 +73,18 @@ def test_adamw8bit_builds_and_steps():
     model(torch.randn(4, 64)).pow(2).mean().backward()
     opt.step()
     assert not torch.equal(model.weight, before)
+
+
+def test_a_closed_step_gate_skips_every_update_of_the_step():
+    """The loop's gate (the step's loss was finite on every rank) decides for all parameters at once."""
+    model = _model()
+    opt = build_optimizer([{"params": list(model.parameters())}], "adafactor", lr=1e-2, fused_backward=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(3, 8)
+    opt.step_gate = lambda: False
+    model(x).pow(2).mean().backward()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert opt.skipped == len(before) and all(p.grad is None for p in model.parameters())
+    opt.step_gate = lambda: True
+    model(x).pow(2).mean().backward()
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))

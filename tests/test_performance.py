@@ -285,3 +285,71 @@ def test_progress_without_cuda_has_no_memory_field():
     assert format_progress(record, "unet") == {"loss": "0.5000", "lr": "1.00e-04", "img/s": "12.35"}
     if not torch.cuda.is_available():
         assert compute_peak_memory_gib() is None
+
+
+# ---------------------------------------------------------------- host syncs in the hot loop
+
+_HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _callers() -> set[str]:
+    import sys
+
+    frame, names = sys._getframe(2), set()
+    while frame is not None:
+        names.add(frame.f_code.co_qualname)
+        frame = frame.f_back
+    return names
+
+
+@pytest.mark.parametrize("fused_backward", [False, True], ids=["plain", "fused-backward"])
+def test_a_step_that_does_not_log_reads_the_device_only_through_the_step_agreement(
+    tmp_path, tiny_sdxl_dir, images_dir, monkeypatch, fused_backward
+):
+    """Every value read from a tensor into Python during a non-logging step is counted, from the start of
+    the forward pass to the end of the optimizer step: only `StepAgreement.read` (once per step) may read."""
+    recipe = make_recipe(
+        tmp_path,
+        tiny_sdxl_dir,
+        images_dir,
+        train={"epochs": 2, "batch_size": 1, "log_every_n_steps": 1000, "max_grad_norm": 1.0},
+        optim={"name": "adafactor", "fused_backward": fused_backward},
+    )
+    run = TrainingRun(recipe)
+    run.setup()
+    events: list[tuple[str, set[str]]] = []
+    objective = run.objective
+    compute_loss = objective.compute_loss
+
+    def marked_compute_loss(batch):
+        events.append(("forward", set()))
+        return compute_loss(batch)
+
+    monkeypatch.setattr(objective, "compute_loss", marked_compute_loss)
+    for name in _HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            events.append((f"read {_name}", _callers()))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    run.train(step_hooks=[lambda state: events.append(("step end", set()))])
+    monkeypatch.undo()
+    run.cleanup()
+
+    steps, current = [], None
+    for kind, callers in events:
+        if kind == "forward" and current is None:
+            current = []
+        elif kind == "step end" and current is not None:
+            steps.append(current)
+            current = None
+        elif kind.startswith("read") and current is not None:
+            current.append((kind, callers))
+    assert len(steps) == run.plan.total_steps >= 4
+    for index, reads in enumerate(steps[:-1]):  # the last step logs
+        agreed = [kind for kind, callers in reads if "StepAgreement.read" in callers]
+        others = [(kind, sorted(callers)) for kind, callers in reads if "StepAgreement.read" not in callers]
+        assert len(agreed) == 1, f"step {index + 1}"
+        assert others == [], f"step {index + 1} reads the device outside the step agreement: {others}"

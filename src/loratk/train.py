@@ -44,6 +44,45 @@ class RunDirError(RuntimeError):
     pass
 
 
+class LaunchError(RuntimeError):
+    """The recipe asks for something the `accelerate launch` configuration cannot run."""
+
+
+def describe_engine(accelerator: Any) -> tuple[str, bool]:
+    """(the launch's engine in words, whether it shards the weights across processes)."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        return "FSDP", True
+    if kind == "DEEPSPEED":
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        return f"DeepSpeed ZeRO-{stage}", stage == 3
+    return (
+        f"{accelerator.num_processes} processes ({kind})" if accelerator.num_processes > 1 else kind
+    ), False
+
+
+def check_launch(recipe: Recipe, accelerator: Any, *, samples_during_training: bool) -> None:
+    """Refuse, before any model loads, recipe options the launch's engine cannot run; name the key and a fix."""
+    engine, sharded = describe_engine(accelerator)
+    if recipe.optim.fused_backward and accelerator.num_processes > 1:
+        raise LaunchError(
+            "optim.fused_backward steps weights before gradients are averaged across processes, and this "
+            f"launch runs {engine}: train on one process or set optim.fused_backward = false"
+        )
+    if sharded and samples_during_training:
+        raise LaunchError(
+            f"[sample] renders on the main process alone, but {engine} shards the weights across processes: "
+            "remove sample.prompts / sample.prompts_file and render the saved epochs with `loratk sample`, "
+            "or launch with accelerate_configs/multi_gpu.yaml"
+        )
+    if engine.startswith("DeepSpeed") and _trains_text_encoders(recipe):
+        section = "full" if _adapter_kind(recipe) == "full" else "lora"
+        raise LaunchError(
+            f"{engine} trains one model per run, and {section}.train_text_encoders = true adds both text "
+            "encoders: set it to false, or launch with accelerate_configs/multi_gpu.yaml or fsdp.yaml"
+        )
+
+
 def _clear_run_outputs(run_dir: Path, name: str) -> None:
     import shutil
 
@@ -297,6 +336,27 @@ def build_sampler(recipe: Recipe, model: Any, prompts: list[Any], num_epochs: in
         prediction_type=recipe.model.prediction_type,
         should_stop=(lambda: stop.requested) if stop is not None else None,
     )
+
+
+def check_data_once(recipe: Recipe, accelerator: Any) -> Any:
+    """The preflight on the main process alone (it decodes every image); the other processes receive its
+    report, or its `DataError`, so every rank fails the same way."""
+    if accelerator.num_processes == 1:
+        return check_data(recipe, progress=True)
+    from accelerate.utils import broadcast_object_list
+
+    from loratk.data.dataset import DataError
+
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [check_data(recipe, progress=True)]
+        except DataError as err:
+            outcome = [err]
+    broadcast_object_list(outcome, from_process=0)
+    if isinstance(outcome[0], DataError):
+        raise outcome[0]
+    return outcome[0]
 
 
 def check_data(recipe: Recipe, *, progress: bool = False) -> Any:
@@ -556,15 +616,16 @@ class TrainingRun:
         set_seed(recipe.seed)
         require_attention_backend(recipe.performance.attention)  # a missing xformers fails before any loading
 
-        # Data and prompt-file problems surface before any model is loaded: every image is decoded, every
-        # caption read.
+        # Launch, prompt-file and data problems surface before any model is loaded: every image is decoded,
+        # every caption read.
+        sample_prompts = load_sample_prompts(recipe)
+        check_launch(recipe, accelerator, samples_during_training=bool(sample_prompts))
         dreambooth = _objective_kind(recipe) == "dreambooth"
         if dreambooth:
             report, self.dataset = None, build_dreambooth_dataset(recipe)
         else:
-            report = check_data(recipe, progress=accelerator.is_main_process)
+            report = check_data_once(recipe, accelerator)
             self.dataset = build_dataset(recipe, report)
-        sample_prompts = load_sample_prompts(recipe)
         if accelerator.is_main_process:
             self.lock = RunLock(self.run_dir)
             self.lock.acquire()
@@ -608,11 +669,6 @@ class TrainingRun:
             compile_unet=perf.compile_unet,
         )
 
-        if recipe.optim.fused_backward and accelerator.num_processes > 1:
-            raise RunDirError(
-                "optim.fused_backward steps weights before gradients are averaged across processes; "
-                "train on one process or set fused_backward = false"
-            )
         dataloader = build_train_dataloader(recipe, self.dataset)
         optimizer = build_optimizer(
             self.adapter.param_groups(self.model, recipe.train.learning_rate),
@@ -627,6 +683,7 @@ class TrainingRun:
         *self.modules, self.optimizer, self.dataloader = accelerator.prepare(
             *trainables.values(), optimizer, dataloader
         )
+        self.trainable_names = list(trainables)
         self.plan = compute_plan(
             num_examples=len(self.dataset),
             batches_per_epoch=len(self.dataloader),
@@ -684,6 +741,8 @@ class TrainingRun:
             or (self.plan.num_epochs if _adapter_kind(recipe) == "full" else 1),
             num_epochs=self.plan.num_epochs,
             metadata=_export_metadata(recipe, self.dataset, self.plan),
+            gather=self._gather_weights,
+            is_main=accelerator.is_main_process,
         )
         # Samples come after the export, from the live model (no reload).
         self.sampler = build_sampler(recipe, self.model, sample_prompts, self.plan.num_epochs, self.stop)
@@ -693,6 +752,14 @@ class TrainingRun:
             accelerator, self.run_dir / "state", dump_recipe(recipe), keep=recipe.train.keep_states
         )
         self.state = self._load_resume_state()
+
+    def _gather_weights(self) -> dict[str, dict[str, Any]]:
+        """Full state dicts of the trained parts, by their plain names; a collective under FSDP and
+        DeepSpeed ZeRO-3 (every rank calls it, the main process gets the weights)."""
+        return {
+            name: self.accelerator.get_state_dict(module)
+            for name, module in zip(self.trainable_names, self.modules, strict=True)
+        }
 
     def _prepare_run_dir(self) -> None:
         """Refuse a run directory that holds a different recipe, unless resuming it or overwriting."""
@@ -759,7 +826,7 @@ class TrainingRun:
         return TrainState()
 
     def train(self, step_hooks: Sequence[Any] = ()) -> Any:
-        from loratk.core.loop import MetricsWriter, run_training
+        from loratk.core.loop import MetricsWriter, on_main_process, run_training
 
         main = self.accelerator.is_main_process
         if self.state.finished(self.plan.total_steps, self.plan.num_epochs):
@@ -770,7 +837,7 @@ class TrainingRun:
             )
         hooks = [self.exporter]
         if self.sampler is not None:
-            hooks.append(self.sampler)
+            hooks.append(on_main_process(self.accelerator, self.sampler))
             if main and self.resume_from is None:
                 self.sampler.start()  # the base model's row of the grid, once per run
             self.accelerator.wait_for_everyone()
@@ -861,7 +928,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with StopRequest() as stop:
             train(recipe, overwrite=args.overwrite, stop=stop)
-    except (DataError, CacheError, ModelLoadError, PromptError, RunDirError, StateError, ImportError) as err:
+    except (
+        DataError,
+        CacheError,
+        ModelLoadError,
+        PromptError,
+        RunDirError,
+        LaunchError,
+        StateError,
+        ImportError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as err:

@@ -45,6 +45,28 @@ def extracted_lora_metadata(metadata: dict[str, str], rank: int, name: str) -> d
     return meta
 
 
+def with_weights(model: Any, weights: dict[str, dict[str, torch.Tensor]]) -> Any:
+    """`model` with the parts named in `weights` rebuilt on those tensors (assigned, not copied).
+
+    The full state dicts gathered from every process (`EpochExporter`) stand in for the live modules, which
+    under FSDP or DeepSpeed ZeRO-3 hold only this rank's shard.
+    """
+    from accelerate import init_empty_weights
+
+    parts = {}
+    for name, state_dict in weights.items():
+        live = getattr(model, name)
+        with init_empty_weights():
+            module = (
+                type(live).from_config(live.config)
+                if hasattr(live, "from_config")
+                else type(live)(live.config)
+            )
+        module.load_state_dict(state_dict, strict=True, assign=True)
+        parts[name] = module.eval().requires_grad_(False)
+    return model.replace(**parts)
+
+
 class FullAdapter:
     """Every UNet weight trains (and both text encoders when asked); exports full weights."""
 
@@ -104,8 +126,18 @@ class FullAdapter:
             groups.append({"name": "text_encoders", "params": params, "lr": self.text_encoder_lr or lr})
         return groups
 
-    def export(self, model: Any, path: Path, metadata: dict[str, str]) -> list[Path]:
-        """`path`: single-file SGM checkpoint; `<stem>_diffusers/`; `<stem>.lora.safetensors` if asked."""
+    def export(
+        self,
+        model: Any,
+        path: Path,
+        metadata: dict[str, str],
+        weights: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> list[Path]:
+        """`path`: single-file SGM checkpoint; `<stem>_diffusers/`; `<stem>.lora.safetensors` if asked.
+
+        `weights`: full state dicts of the trained parts, gathered across processes (see `with_weights`)."""
+        if weights:
+            model = with_weights(model, weights)
         for name, module in self.trainable_modules(model).items():
             bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
             if bad:

@@ -115,24 +115,30 @@ class LoraAdapter:
             groups.append({"name": "text_encoders", "params": params, "lr": self.text_encoder_lr or lr})
         return groups
 
-    def state_dicts(self, model: Any) -> dict[str, dict[str, torch.Tensor]]:
-        """PEFT-layout LoRA weights per model part."""
+    def state_dicts(
+        self, model: Any, weights: dict[str, dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """PEFT-layout LoRA weights per model part, read from `weights` (full state dicts gathered across
+        processes, see `EpochExporter`) when given, else from the live modules."""
         from peft.utils import get_peft_model_state_dict
 
         return {
-            name: get_peft_model_state_dict(module, save_embedding_layers=False)
+            name: get_peft_model_state_dict(
+                module, state_dict=weights[name] if weights else None, save_embedding_layers=False
+            )
             for name, module in self.trainable_modules(model).items()
         }
 
-    def export(self, model: Any, path: Path, metadata: dict[str, str]) -> list[Path]:
+    def export(
+        self,
+        model: Any,
+        path: Path,
+        metadata: dict[str, str],
+        weights: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> list[Path]:
         """Write `path` in the kohya/SGM layout (and the diffusers layout beside it when asked)."""
-        state_dicts = self.state_dicts(model)
-        for part, sd in state_dicts.items():
-            bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
-            if bad:
-                raise FloatingPointError(
-                    f"{part} LoRA weight {bad[0]} is not finite; refusing to export {path}"
-                )
+        state_dicts = self.state_dicts(model, weights)
+        self._check_finite(state_dicts, path)
         config = model.unet.config
         with_attention = sum(1 for t in config.up_block_types if "CrossAttn" in t)
         tensors = peft_to_kohya(

@@ -28,7 +28,9 @@ from loratk.plan import TrainPlan
 
 logger = get_logger(__name__)
 
-EpochHook = Callable[[int, int], None]  # (epoch, global_step) -> None, main process only
+# (epoch, global_step) -> None, called on every process: gathering sharded weights (FSDP, DeepSpeed ZeRO-3)
+# needs every rank; what a hook writes, it writes on the main process only.
+EpochHook = Callable[[int, int], None]
 StepHook = Callable[
     [TrainState], None
 ]  # after every optimizer step (and after its state was saved), all processes
@@ -36,6 +38,16 @@ StepHook = Callable[
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def on_main_process(accelerator: Any, hook: EpochHook) -> EpochHook:
+    """An epoch hook that only the main process runs (sampling, reports)."""
+
+    def run(epoch: int, global_step: int) -> None:
+        if accelerator.is_main_process:
+            hook(epoch, global_step)
+
+    return run
 
 
 @dataclass
@@ -108,12 +120,47 @@ def _group_names(optimizer: torch.optim.Optimizer) -> list[str]:
     return [group.get("name", f"group{i}") for i, group in enumerate(optimizer.param_groups)]
 
 
-def _all_finite(accelerator: Any, loss: torch.Tensor) -> bool:
-    """One host sync per optimizer step; all ranks agree, so none steps with another rank's NaN gradients."""
-    flag = torch.isfinite(loss).to(torch.float32).reshape(1)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum") / accelerator.num_processes
-    return bool(flag.item() == 1.0)
+class StepAgreement:
+    """What every rank must agree on at each optimizer step: was the loss finite on all ranks, and did any
+    rank get a stop request. Without stalling the device:
+
+    `launch` runs right after the last forward pass of a step: one all-reduce of two numbers (multi-process)
+    and a non-blocking copy into pinned host memory. `read` runs after `backward` was queued, so it waits
+    for the forward pass only, while the device still has the whole backward to work on. These are the only
+    host reads of a non-logging step.
+    """
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+        self._cuda = accelerator.device.type == "cuda"
+        self._host = torch.zeros(2, pin_memory=self._cuda)
+        self._event = None
+        self._read: tuple[bool, bool] | None = None
+
+    def launch(self, step_loss: torch.Tensor, stop_requested: bool) -> None:
+        nonfinite = (~torch.isfinite(step_loss)).to(torch.float32).reshape(1)
+        # `full` is a fill on the device: no host-to-device copy to wait for.
+        stop = torch.full((1,), float(stop_requested), device=nonfinite.device)
+        flags = torch.cat([nonfinite, stop])
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        self._host.copy_(flags, non_blocking=self._cuda)
+        if self._cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._read = None
+
+    def read(self) -> tuple[bool, bool]:
+        """(finite on every rank, stop requested on some rank) for the step launched last."""
+        if self._read is None:
+            if self._event is not None:
+                self._event.synchronize()
+            nonfinite, stop = self._host.tolist()
+            self._read = (nonfinite == 0.0, stop > 0.0)
+        return self._read
+
+    def finite(self) -> bool:
+        return self.read()[0]
 
 
 def _stop_everywhere(accelerator: Any, stop: StopRequest | None) -> bool:
@@ -123,6 +170,12 @@ def _stop_everywhere(accelerator: Any, stop: StopRequest | None) -> bool:
         return stop.requested
     flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _steps_in_backward(optimizer: Any) -> Any:
+    """The optimizer (unwrapped from Accelerate's wrapper) when it steps inside backward, else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if hasattr(inner, "step_gate") else None
 
 
 def run_training(
@@ -156,9 +209,15 @@ def run_training(
     consecutive_nonfinite = 0
     for module in modules:
         module.train()
+    agreement = StepAgreement(accelerator)
+    fused = _steps_in_backward(optimizer)
+    if fused is not None:
+        fused.step_gate = agreement.finite  # a non-finite step skips every parameter's in-backward update
 
-    def interrupt_if_requested() -> None:
-        if _stop_everywhere(accelerator, stop):
+    def interrupt_if_requested(agreed: bool | None = None) -> None:
+        """`agreed`: the step's agreed stop flag (multi-process); else ask the ranks now (an epoch end)."""
+        several = accelerator.num_processes > 1
+        if agreed if (several and agreed is not None) else _stop_everywhere(accelerator, stop):
             where = save_state(state) if save_state else None
             saved = f"state saved to {where}" if where else "no state saved"
             raise TrainingInterrupted(
@@ -185,11 +244,13 @@ def run_training(
             state.batches_done += 1
             with accelerator.accumulate(*modules):
                 out = objective.compute_loss(batch)
-                accelerator.backward(out.loss)
                 step_loss += out.loss.detach()
-                stepped = None
+                stepped = stop_agreed = None
                 if accelerator.sync_gradients:
-                    stepped = _all_finite(accelerator, step_loss)
+                    agreement.launch(step_loss, stop is not None and stop.requested)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    stepped, stop_agreed = agreement.read()
                     if stepped:
                         if max_grad_norm is not None:
                             accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -247,13 +308,12 @@ def run_training(
                 save_state(state)
             for hook in step_hooks:
                 hook(state)
-            interrupt_if_requested()
+            interrupt_if_requested(stop_agreed)
             if state.global_step >= plan.total_steps:
                 break
         accelerator.wait_for_everyone()
-        if main:
-            for hook in epoch_hooks:
-                hook(epoch, state.global_step)
+        for hook in epoch_hooks:
+            hook(epoch, state.global_step)
         accelerator.wait_for_everyone()
         state.epoch, state.batches_done = epoch + 1, 0
         if save_state:

@@ -83,10 +83,16 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
     Each parameter has its own inner optimizer (same class and options), so the update is the plain
     optimizer's update. The loop's `step()` / `zero_grad()` are no-ops here; the learning rate of each group
     (set by the scheduler) is copied to the inner optimizers before every step; `state_dict()` holds every
-    inner state, so resumable states work. Per parameter: a non-finite gradient skips that parameter's update,
-    and `max_grad_norm` clips that parameter's gradient. Gradient accumulation and multi-process training are
-    not possible (the recipe and `train.py` refuse them).
+    inner state, so resumable states work. `max_grad_norm` clips each parameter's gradient on its own.
+
+    Skipping a non-finite step: the training loop sets `step_gate`, a callable that says whether this step's
+    loss was finite (read once per step, without a host sync per parameter); a False skips every update of
+    the step. Without a gate (standalone use) each gradient is checked on its own, one host sync per
+    parameter. Gradient accumulation and multi-process training are not possible (the recipe and `train.py`
+    refuse them).
     """
+
+    step_gate: Callable[[], bool] | None = None
 
     def __init__(
         self,
@@ -114,7 +120,8 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
         group, inner = self._inner[param]
         if param.grad is None:
             return
-        if not torch.isfinite(param.grad).all():
+        finite = self.step_gate() if self.step_gate is not None else bool(torch.isfinite(param.grad).all())
+        if not finite:
             self.skipped += 1
         else:
             if self.max_grad_norm is not None:

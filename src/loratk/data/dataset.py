@@ -43,6 +43,9 @@ class DataError(ValueError):
         tail = f"\n  hint: {hint}" if hint else ""
         super().__init__(f"{len(problems)} problem(s) in the training data:\n{lines}{tail}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable, so the main process can hand it to the others
+        return (DataError, (self.problems, self.hint))
+
 
 @dataclass(frozen=True)
 class Record:

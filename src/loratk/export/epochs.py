@@ -16,8 +16,16 @@ from loratk.core.checkpoint import atomic_path
 logger = get_logger(__name__)
 
 
+Weights = dict[str, dict[str, Any]]  # model part ("unet", "text_encoder", ...) -> its full state dict
+
+
 class EpochExporter:
-    """An epoch hook (`(epoch, global_step) -> None`) that writes the adapter files of a run."""
+    """An epoch hook (`(epoch, global_step) -> None`) that writes the adapter files of a run.
+
+    It runs on every process: `gather` collects the full weights of the trained parts, a collective under
+    sharded engines (FSDP, DeepSpeed ZeRO-3: `accelerator.get_state_dict`), and only the main process
+    (`is_main`) writes them.
+    """
 
     def __init__(
         self,
@@ -29,9 +37,13 @@ class EpochExporter:
         every_n_epochs: int,
         num_epochs: int,
         metadata: Callable[[int, int], dict[str, str]],
+        gather: Callable[[], Weights] | None = None,
+        is_main: bool = True,
     ):
         self.adapter = adapter
         self.model = model
+        self.gather = gather
+        self.is_main = is_main
         self.run_dir = run_dir
         self.name = name
         self.every_n_epochs = every_n_epochs
@@ -49,8 +61,11 @@ class EpochExporter:
         last = epoch >= self.num_epochs
         if epoch % self.every_n_epochs and not last:
             return
+        weights = self.gather() if self.gather is not None else None  # every rank takes part
+        if not self.is_main:
+            return
         path = self.epoch_path(epoch)
-        files = self.adapter.export(self.model, path, self.metadata(epoch, global_step))
+        files = self.adapter.export(self.model, path, self.metadata(epoch, global_step), weights=weights)
         logger.info(f"epoch {epoch}: wrote {', '.join(str(f) for f in files)}", main_process_only=True)
         self.written.extend(files)
         if last:

@@ -104,8 +104,9 @@ class SDXLDenoiser:
                 latents.device
             )
             offset = torch.stack([torch.randn(channels, 1, 1, generator=g) for g in gens]).to(latents.device)
-            steps = [int(torch.randint(0, self.num_train_timesteps, (1,), generator=g)) for g in gens]
-            timesteps = torch.tensor(steps, device=latents.device)
+            timesteps = torch.cat(
+                [torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in gens]
+            ).to(latents.device)
         if self.noise_offset:
             noise = apply_noise_offset(noise, self.noise_offset, offset)
         return noise, timesteps
