@@ -399,3 +399,33 @@ def test_safetensors_bytes_are_deterministic_and_readable_by_safetensors():
     back = load(one)
     assert back.keys() == tensors.keys()
     assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
+
+
+@pytest.mark.parametrize(("engine", "loads"), [("FSDP", True), ("DEEPSPEED", True), ("MULTI_GPU", False)])
+def test_sharded_engines_states_are_loaded_by_the_engine_without_the_model_file_check(
+    tmp_path, engine, loads
+):
+    """FSDP and DeepSpeed write their own checkpoint folders (no `model.safetensors`): a state they saved must
+    not be refused for missing weights; a DDP state without its model file still is."""
+    from types import SimpleNamespace
+
+    from loratk.core.checkpoint import COUNTERS, MARKER, RECIPE, StateError, StateManager, TrainState
+
+    state_dir = tmp_path / "state" / "step-00000004"
+    state_dir.mkdir(parents=True)
+    (state_dir / COUNTERS).write_text(TrainState(global_step=4).to_json())
+    (state_dir / RECIPE).write_text("name = 'x'\n")
+    (state_dir / MARKER).write_text("ok\n")
+    loaded = []
+    accelerator = SimpleNamespace(
+        distributed_type=f"DistributedType.{engine}",
+        register_save_state_pre_hook=lambda hook: None,
+        load_state=lambda path, strict: loaded.append(path),
+    )
+    manager = StateManager(accelerator, tmp_path / "state", "name = 'x'\n")
+    model = torch.nn.Linear(2, 2)
+    if loads:
+        assert manager.load(state_dir, [model]).global_step == 4 and loaded == [str(state_dir)]
+    else:
+        with pytest.raises(StateError, match="model.safetensors"):
+            manager.load(state_dir, [model])

@@ -311,7 +311,8 @@ class StateManager:
             self.accelerator.load_state(str(path), strict=False)
         except Exception as err:  # damaged files inside a complete state
             raise StateError(f"{path}: cannot load the saved state ({err})") from err
-        self._check_all_trainable_loaded(path, models)
+        if writes_model_files(self.accelerator):
+            self._check_all_trainable_loaded(path, models)
         return state
 
     @staticmethod
@@ -320,12 +321,20 @@ class StateManager:
 
         for i, names in enumerate(_trainable_names(models)):
             file = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            if not file.is_file():
+                raise StateError(f"{file}: missing, so the trainable weights cannot be restored")
             with safe_open(str(file), framework="pt") as fh:
                 missing = names - set(fh.keys())
             if missing:
                 raise StateError(
                     f"{file}: {len(missing)} trainable weights missing, e.g. {sorted(missing)[0]}"
                 )
+
+
+def writes_model_files(accelerator: Any) -> bool:
+    """Whether `save_state` writes `model.safetensors` files (trainable weights only, checked on load).
+    FSDP and DeepSpeed write their own sharded checkpoint folders instead, whole and loaded by themselves."""
+    return str(accelerator.distributed_type).rsplit(".", 1)[-1] not in ("FSDP", "DEEPSPEED")
 
 
 def choose_state(root: Path, resume: str) -> list[Path]:
