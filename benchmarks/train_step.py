@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ SDXL_UNET_CONFIG: dict[str, Any] = dict(
     projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled CLIP-G 1280
 )
 SDXL_UNET_PARAMETERS = 2_567_463_684
+
+# The recipe's default `train.max_grad_norm`.
+MAX_GRAD_NORM = 1.0
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched in order against torch.cuda.get_device_name().
 BF16_PEAK_TFLOPS = (
@@ -79,12 +83,22 @@ class BenchConfig:
     targets: str = "all-linear"
     gradient_checkpointing: bool = True
     prior_preservation: bool = False
+    fused_backward: bool = False  # optim.fused_backward: each weight steps inside backward
 
 
 CONFIGS = (
     BenchConfig("a", "seed recipe: LoRA r128 all-linear, Adafactor", "lora", 600, 400, 20),
     BenchConfig("b", "LoRA r128 all-linear, Adafactor", "lora", 1024, 1024, 8),
-    BenchConfig("c", "full DreamBooth, Adafactor", "dreambooth", 1024, 1024, 4, rank=None),
+    BenchConfig(
+        "c",
+        "full DreamBooth, Adafactor",
+        "dreambooth",
+        1024,
+        1024,
+        4,
+        rank=None,
+        fused_backward=True,
+    ),
     BenchConfig(
         "d",
         "DreamBooth-LoRA r128, prior preservation 2+2",
@@ -107,13 +121,6 @@ def tiny_version(config: BenchConfig) -> BenchConfig:
     return replace(
         config, width=shrink(config.width), height=shrink(config.height), batch_size=2, rank=config.rank and 8
     )
-
-
-def fused_backward_available() -> bool:
-    """The fused backward step comes with the DreamBooth issue; it is used once `core/optim.py` has it."""
-    from loratk.core import optim
-
-    return hasattr(optim, "build_fused_backward")
 
 
 def find_bf16_peak_tflops(device_name: str) -> float | None:
@@ -207,6 +214,19 @@ class PriorPreservationObjective:
         return LossOutput(loss=loss, num_images=per_sample.shape[0])
 
 
+def check_fused_backward(accelerator: Any) -> None:
+    """Refuse what the recipe and `loratk.train` refuse with `optim.fused_backward`."""
+    problems = []
+    if accelerator.num_processes > 1:
+        problems.append("it steps weights before gradients are averaged across processes: run one process")
+    if accelerator.gradient_accumulation_steps > 1:
+        problems.append("it steps each weight during backward, so it cannot accumulate gradients")
+    if accelerator.mixed_precision == "fp16":
+        problems.append("fp16 needs a gradient scaler, which steps all weights at once: use bf16")
+    if problems:
+        raise ValueError("fused backward: " + "; ".join(problems))
+
+
 @dataclass
 class Step:
     """Everything one configuration trains with."""
@@ -230,13 +250,15 @@ def build_step(
     channels_last: bool = False,
     compile_unet: bool = False,
 ) -> Step:
-    """The UNet, adapter, objective and optimizer for one configuration, built as `loratk.train` builds them."""
+    """The UNet, adapter, objective and optimizer of one configuration, built as `loratk.train` does."""
     from loratk.adapters.lora import LoraAdapter
     from loratk.core.optim import build_lr_scheduler, build_optimizer
     from loratk.models.sdxl import apply_performance_options
     from loratk.objectives.caption import CaptionObjective
     from loratk.objectives.denoising import SDXLDenoiser
 
+    if config.fused_backward:
+        check_fused_backward(accelerator)
     device = accelerator.device
     unet = build_unet(unet_config, device)
     unet.requires_grad_(False)
@@ -257,7 +279,14 @@ def build_step(
     apply_performance_options(
         unet, attention=attention, channels_last=channels_last, compile_unet=compile_unet
     )
-    optimizer = build_optimizer(groups, config.optimizer, lr=groups[0]["lr"])
+    # With fused backward, each weight steps from its gradient hook, its gradient clipped on its own.
+    optimizer = build_optimizer(
+        groups,
+        config.optimizer,
+        lr=groups[0]["lr"],
+        fused_backward=config.fused_backward,
+        max_grad_norm=MAX_GRAD_NORM,
+    )
     prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
     lr_scheduler = accelerator.prepare(
         build_lr_scheduler(optimizer, "constant", warmup_steps=0, total_steps=1)
@@ -278,7 +307,10 @@ def build_step(
 
 def count_step_flops(step: Step, config: BenchConfig) -> int:
     """FLOPs of one training step (forward + backward; the optimizer is negligible), counted on one image
-    without gradient checkpointing and scaled to the batch: model FLOPs, not what recomputation adds."""
+    without gradient checkpointing and scaled to the batch: model FLOPs, not what recomputation adds.
+
+    With a fused backward the optimizer steps inside this backward: one more untimed step before warm-up.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = step.unet
@@ -328,6 +360,39 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_steps(
+    accelerator: Any, step: Step, config: BenchConfig, num_steps: int, step_hooks: Sequence[Any] = ()
+) -> Any:
+    """`num_steps` optimizer steps of `core/loop.run_training` on the step's batch, as `loratk.train` runs
+    them: one process, no accumulation (which fused backward cannot do), clipping at `MAX_GRAD_NORM`."""
+    from loratk.core.loop import run_training
+    from loratk.plan import compute_plan
+
+    plan = compute_plan(
+        num_examples=num_steps * config.batch_size,
+        batches_per_epoch=num_steps,
+        per_device_batch=config.batch_size,
+        gradient_accumulation_steps=1,
+        num_processes=1,
+        epochs=1,
+        max_steps=None,
+    )
+    return run_training(
+        accelerator,
+        objective=step.objective,
+        modules=[step.unet],
+        optimizer=step.optimizer,
+        lr_scheduler=step.lr_scheduler,
+        dataloader=[step.batch] * num_steps,
+        plan=plan,
+        seed=0,
+        max_grad_norm=MAX_GRAD_NORM,
+        log_every_n_steps=num_steps,  # one host sync for logging, at the end
+        step_hooks=step_hooks,
+        max_nonfinite_steps=num_steps + 1,
+    )
+
+
 def run_config(
     accelerator: Any,
     config: BenchConfig,
@@ -341,14 +406,8 @@ def run_config(
     **performance: Any,
 ) -> dict[str, Any]:
     """Train `warmup + steps` optimizer steps through `run_training`; time the last `steps`."""
-    from loratk.core.loop import run_training
-    from loratk.plan import compute_plan
-
     device = accelerator.device
     row: dict[str, Any] = {"config": config.key, **asdict(config)}
-    row["fused_backward"] = "n/a (no fused backward in core/optim.py yet)"
-    if config.rank is None and fused_backward_available():
-        row["fused_backward"] = "available, not yet wired into this benchmark"
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -360,38 +419,15 @@ def run_config(
         )
         row["trainable_parameters"] = step.num_trainable
         flops = count_step_flops(step, config)
-        total = warmup + steps
         stamps: list[float] = []
 
         def stamp(_state: Any) -> None:
             _synchronize(device)
             stamps.append(time.perf_counter())
 
-        plan = compute_plan(
-            num_examples=total * config.batch_size,
-            batches_per_epoch=total,
-            per_device_batch=config.batch_size,
-            gradient_accumulation_steps=1,
-            num_processes=1,
-            epochs=1,
-            max_steps=None,
-        )
         _synchronize(device)
         stamps.append(time.perf_counter())
-        result = run_training(
-            accelerator,
-            objective=step.objective,
-            modules=[step.unet],
-            optimizer=step.optimizer,
-            lr_scheduler=step.lr_scheduler,
-            dataloader=[step.batch] * total,
-            plan=plan,
-            seed=0,
-            max_grad_norm=1.0,
-            log_every_n_steps=total,  # one host sync for logging, at the end
-            step_hooks=[stamp],
-            max_nonfinite_steps=total + 1,
-        )
+        result = train_steps(accelerator, step, config, warmup + steps, step_hooks=[stamp])
         durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][warmup:]
         s_per_step = statistics.median(durations)
         row.update(
@@ -428,13 +464,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
 
     lines = [
-        "| config | what | size | batch | s/step | images/s | peak GiB | TFLOP/step | % bf16 peak | status |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| config | what | size | batch | fused backward | s/step | images/s | peak GiB | TFLOP/step "
+        "| % bf16 peak | status |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         share = r.get("bf16_peak_share")
         lines.append(
             f"| ({r['config']}) | {r['what']} | {r['width']}x{r['height']} | {r['batch_size']} | "
+            f"{'yes' if r['fused_backward'] else 'no'} | "
             f"{num(r.get('s_per_step'), '.3f')} | {num(r.get('images_per_s'), '.2f')} | "
             f"{num(r.get('peak_memory_gib'), '.1f')} | {num(r.get('tflop_per_step'), '.3g')} | "
             f"{num(share * 100 if share is not None else None, '.1f')} | {r['status']} |"
@@ -536,6 +574,13 @@ def _run(args: argparse.Namespace) -> int:
     configs = [c for c in CONFIGS if c.key in wanted]
     if args.meta_flops:
         return _meta_flops(configs)
+    if any(c.fused_backward for c in configs):
+        try:
+            check_fused_backward(accelerator)
+        except ValueError as err:
+            fused = ",".join(c.key for c in configs if c.fused_backward)
+            print(f"error: configuration(s) {fused}: {err}", file=sys.stderr)
+            return 2
     if tiny:
         configs = [tiny_version(c) for c in configs]
     if args.no_checkpointing:

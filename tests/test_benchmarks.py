@@ -27,6 +27,28 @@ def bench():
     return _load_benchmark()
 
 
+@pytest.fixture
+def one_thread():
+    """The benchmark's `--threads 1`, for tests that build a step directly (CPU time is shared here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _build_tiny_step(bench, key: str):
+    from accelerate import Accelerator
+
+    from loratk.models.tiny import TINY_UNET_CONFIG
+
+    config = bench.tiny_version(next(c for c in bench.CONFIGS if c.key == key))
+    accelerator = Accelerator(mixed_precision="no")
+    step = bench.build_step(
+        accelerator, config, TINY_UNET_CONFIG, weight_dtype=torch.float32, full_dtype=torch.float32
+    )
+    return accelerator, config, step
+
+
 def test_tiny_smoke_runs_every_configuration_through_the_training_loop(bench, tmp_path):
     out = tmp_path / "rows.json"
     assert bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--threads", "1", "--json", str(out)]) == 0
@@ -42,6 +64,7 @@ def test_tiny_smoke_runs_every_configuration_through_the_training_loop(bench, tm
     # Full fine-tuning trains every UNet weight; LoRA far fewer.
     assert rows["c"]["trainable_parameters"] > 4 * rows["b"]["trainable_parameters"]
     assert rows["d"]["prior_preservation"]
+    assert {k for k, r in rows.items() if r["fused_backward"]} == {"c"}
 
 
 def test_configurations_are_the_issue_s(bench):
@@ -53,6 +76,28 @@ def test_configurations_are_the_issue_s(bench):
         "d": ("dreambooth-lora", 1024, 1024, 4, 128, "adafactor"),
     }
     assert all(c.gradient_checkpointing and c.targets == "all-linear" for c in bench.CONFIGS)
+    assert [c.key for c in bench.CONFIGS if c.fused_backward] == ["c"]
+
+
+def test_config_c_steps_every_weight_inside_backward(bench, one_thread):
+    from loratk.core.optim import FusedBackwardOptimizer
+
+    accelerator, config, step = _build_tiny_step(bench, "c")
+    fused = step.optimizer.optimizer  # inside Accelerate's wrapper
+    assert isinstance(fused, FusedBackwardOptimizer) and fused.max_grad_norm == bench.MAX_GRAD_NORM
+    params = dict(step.unet.named_parameters())
+    assert len(fused.inner_optimizers()) == len(params)  # full fine-tuning: one inner Adafactor per weight
+    before = {n: p.detach().clone() for n, p in params.items()}
+    # Backward alone updates the weights: no optimizer.step() call.
+    accelerator.backward(step.objective.compute_loss(step.batch).loss)
+    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert changed == set(params)
+    assert all(p.grad is None for p in params.values())  # each gradient freed once used
+    # And through the training loop, as the benchmark times it.
+    stepped = {n: p.detach().clone() for n, p in params.items()}
+    result = bench.train_steps(accelerator, step, config, 1)
+    assert result.global_step == 1 and result.state.nonfinite_steps == 0 and fused.skipped == 0
+    assert all(not torch.equal(p, stepped[n]) for n, p in params.items())
 
 
 def test_full_size_unet_config_has_sdxl_s_parameter_count(bench):
