@@ -8,7 +8,7 @@ Each configuration builds the UNet from its config (no download), injects the ad
 from `core/optim.py`, and runs `core/loop.run_training` (accumulate, backward, clip, step: the same loop as
 `loratk.train`) over synthetic cached latents and text embeddings, so no VAE or text encoder is on the device.
 
-Reported per configuration: s/step (median after warm-up), images/s, peak memory
+Reported per configuration: s/step (median after warm-up), images/s, peak memory of the training steps
 (`torch.cuda.max_memory_reserved`), FLOPs per step (`torch.utils.flop_counter.FlopCounterMode`, counted once
 per configuration on one image without gradient checkpointing, i.e. model FLOPs, not recomputation) and the
 share of the GPU's dense bf16 peak those FLOPs reach.
@@ -419,6 +419,11 @@ def run_config(
         )
         row["trainable_parameters"] = step.num_trainable
         flops = count_step_flops(step, config)
+        if device.type == "cuda":
+            # Peak memory is the training steps': counting FLOPs runs one image without checkpointing.
+            _synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         stamps: list[float] = []
 
         def stamp(_state: Any) -> None:
