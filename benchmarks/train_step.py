@@ -12,6 +12,12 @@ Reported per configuration: s/step (median after warm-up), images/s, peak memory
 (`torch.cuda.max_memory_reserved`), FLOPs per step (`torch.utils.flop_counter.FlopCounterMode`, counted once
 per configuration on one image without gradient checkpointing, i.e. model FLOPs, not recomputation) and the
 share of the GPU's dense bf16 peak those FLOPs reach.
+
+(c) and (d) train as `loratk.train` trains methods "dreambooth" and "dreambooth-lora": `DreamBoothObjective`
+on batches shaped as `collate_dreambooth` makes them ((d): 2 instance + 2 class examples), and (c) with the
+fused backward step (`optim.fused_backward`: each weight steps from its gradient hook, so the full set of
+gradients is never held). Unlike a real DreamBooth run, which encodes its few images every batch, the batches
+here come cached: the benchmark times the UNet step, not the VAE or the text encoders.
 """
 
 from __future__ import annotations
@@ -51,8 +57,9 @@ SDXL_UNET_CONFIG: dict[str, Any] = dict(
 )
 SDXL_UNET_PARAMETERS = 2_567_463_684
 
-# The recipe's default `train.max_grad_norm`.
+# The recipe's defaults (`train.max_grad_norm`, `dreambooth.prior_loss_weight`).
 MAX_GRAD_NORM = 1.0
+PRIOR_LOSS_WEIGHT = 1.0
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched in order against torch.cuda.get_device_name().
 BF16_PEAK_TFLOPS = (
@@ -171,13 +178,15 @@ def build_model(unet: torch.nn.Module) -> Any:
     )
 
 
+def _pooled_dim(unet_config: dict[str, Any]) -> int:
+    return unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+
+
 def make_cached_batch(
     unet_config: dict[str, Any], width: int, height: int, batch_size: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """A batch as the latent and text-embedding caches deliver it."""
-    pooled_dim = (
-        unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-    )
+    pooled_dim = _pooled_dim(unet_config)
     generator = torch.Generator().manual_seed(0)
     sizes = torch.tensor([[height, width]] * batch_size)
     batch = {
@@ -193,25 +202,83 @@ def make_cached_batch(
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class PriorPreservationObjective:
-    """Instance and class halves of one batch: loss = instance MSE + prior_weight x class MSE.
+def make_dreambooth_batch(
+    unet_config: dict[str, Any],
+    width: int,
+    height: int,
+    batch_size: int,
+    device: torch.device,
+    *,
+    prior_preservation: bool,
+) -> dict[str, Any]:
+    """A batch as `collate_dreambooth` builds it from cached examples: the instance examples first, then (with
+    prior preservation) one class example each, so `batch_size` = instance + class; plus `num_instance`."""
+    from loratk.data.dreambooth import collate_dreambooth
 
-    Stands in for the DreamBooth branch's objective (same UNet work per image) until it is merged.
-    """
+    if prior_preservation and batch_size % 2:
+        raise ValueError(f"prior preservation needs an even batch (instance + class), got {batch_size}")
+    generator = torch.Generator().manual_seed(0)
 
-    def __init__(self, denoiser: Any, num_instance: int, prior_weight: float = 1.0):
-        self.denoiser = denoiser
-        self.num_instance = num_instance
-        self.prior_weight = prior_weight
+    def example(kind: str, index: int) -> dict[str, Any]:
+        # One item as `ImageCaptionDataset.__getitem__` returns it from the latent and text caches.
+        return {
+            "caption": f"a {kind} prompt",
+            "original_size": (height, width),
+            "crop_top_left": (0, 0),
+            "target_size": (height, width),
+            "path": f"synthetic/{kind}{index}.png",
+            "noise_seed": int(torch.randint(0, 2**62, (1,), generator=generator)),
+            "latents": torch.randn(4, height // 8, width // 8, generator=generator),  # [4, H/8, W/8]
+            "prompt_embeds": torch.randn(77, unet_config["cross_attention_dim"], generator=generator),
+            "pooled_prompt_embeds": torch.randn(_pooled_dim(unet_config), generator=generator),
+        }
 
-    def compute_loss(self, batch: dict[str, Any]) -> Any:
-        from loratk.objectives import LossOutput
+    num_instance = batch_size // 2 if prior_preservation else batch_size
+    items = [
+        {"instance": example("instance", i), **({"class": example("class", i)} if prior_preservation else {})}
+        for i in range(num_instance)
+    ]
+    batch = collate_dreambooth(items)  # latents [num_instance + num_class, 4, H/8, W/8]
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-        inputs = self.denoiser.encode_batch(batch)
-        per_sample = self.denoiser.per_sample_loss(inputs)  # [B]
-        n = self.num_instance
-        loss = per_sample[:n].mean() + self.prior_weight * per_sample[n:].mean()
-        return LossOutput(loss=loss, num_images=per_sample.shape[0])
+
+def objective_kind(config: BenchConfig) -> str:
+    """The objective kind ("caption" or "dreambooth") that `loratk.train` pairs with `config.method`."""
+    from loratk.train import METHODS
+
+    return METHODS[config.method][1]
+
+
+def build_objective(
+    config: BenchConfig, model: Any, *, device: torch.device, weight_dtype: torch.dtype
+) -> Any:
+    """The objective `loratk.train.build_objective` builds for `config.method`, with the recipe's defaults."""
+    from loratk.objectives.denoising import SDXLDenoiser
+
+    denoiser = SDXLDenoiser(model, device=device, weight_dtype=weight_dtype)
+    if objective_kind(config) == "dreambooth":
+        from loratk.objectives.dreambooth import DreamBoothObjective
+
+        return DreamBoothObjective(denoiser, prior_loss_weight=PRIOR_LOSS_WEIGHT)
+    from loratk.objectives.caption import CaptionObjective
+
+    return CaptionObjective(denoiser)
+
+
+def make_step_batch(config: BenchConfig, unet_config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch `config`'s objective trains on: DreamBooth's instance (+ class) batch, or a caption batch."""
+    if objective_kind(config) == "dreambooth":
+        return make_dreambooth_batch(
+            unet_config,
+            config.width,
+            config.height,
+            config.batch_size,
+            device,
+            prior_preservation=config.prior_preservation,
+        )
+    if config.prior_preservation:
+        raise ValueError(f"prior preservation is for the DreamBooth methods, not {config.method!r}")
+    return make_cached_batch(unet_config, config.width, config.height, config.batch_size, device)
 
 
 def check_fused_backward(accelerator: Any) -> None:
@@ -235,7 +302,7 @@ class Step:
     objective: Any
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    batch: dict[str, torch.Tensor]
+    batch: dict[str, Any]
     num_trainable: int
 
 
@@ -254,8 +321,6 @@ def build_step(
     from loratk.adapters.lora import LoraAdapter
     from loratk.core.optim import build_lr_scheduler, build_optimizer
     from loratk.models.sdxl import apply_performance_options
-    from loratk.objectives.caption import CaptionObjective
-    from loratk.objectives.denoising import SDXLDenoiser
 
     if config.fused_backward:
         check_fused_backward(accelerator)
@@ -292,12 +357,8 @@ def build_step(
         build_lr_scheduler(optimizer, "constant", warmup_steps=0, total_steps=1)
     )
     unet_dtype = full_dtype if config.rank is None else weight_dtype
-    denoiser = SDXLDenoiser(build_model(prepared_unet), device=device, weight_dtype=unet_dtype)
-    if config.prior_preservation:
-        objective: Any = PriorPreservationObjective(denoiser, num_instance=config.batch_size // 2)
-    else:
-        objective = CaptionObjective(denoiser)
-    batch = make_cached_batch(unet_config, config.width, config.height, config.batch_size, device)
+    objective = build_objective(config, build_model(prepared_unet), device=device, weight_dtype=unet_dtype)
+    batch = make_step_batch(config, unet_config, device)
     num_trainable = sum(p.numel() for g in groups for p in g["params"])
     return Step(prepared_unet, objective, optimizer, lr_scheduler, batch, num_trainable)
 
@@ -317,7 +378,8 @@ def count_step_flops(step: Step, config: BenchConfig) -> int:
     checkpointing = unet.is_gradient_checkpointing
     if checkpointing:
         unet.disable_gradient_checkpointing()
-    one = {k: v[:1] for k, v in step.batch.items()}
+    # The first example; lists (captions, paths, noise seeds) too. `num_instance` is the objective's only.
+    one = {k: v[:1] for k, v in step.batch.items() if isinstance(v, torch.Tensor | list)}
     counter = FlopCounterMode(display=False)
     try:
         with counter:

@@ -65,6 +65,8 @@ def test_tiny_smoke_runs_every_configuration_through_the_training_loop(bench, tm
     assert rows["c"]["trainable_parameters"] > 4 * rows["b"]["trainable_parameters"]
     assert rows["d"]["prior_preservation"]
     assert {k for k, r in rows.items() if r["fused_backward"]} == {"c"}
+    # (d) does (b)'s UNet work per step: same size, rank and images (1 instance + 1 class), so FLOPs match.
+    assert rows["d"]["tflop_per_step"] == rows["b"]["tflop_per_step"]
 
 
 def test_configurations_are_the_issue_s(bench):
@@ -77,6 +79,7 @@ def test_configurations_are_the_issue_s(bench):
     }
     assert all(c.gradient_checkpointing and c.targets == "all-linear" for c in bench.CONFIGS)
     assert [c.key for c in bench.CONFIGS if c.fused_backward] == ["c"]
+    assert [c.key for c in bench.CONFIGS if c.prior_preservation] == ["d"]
 
 
 def test_config_c_steps_every_weight_inside_backward(bench, one_thread):
@@ -98,6 +101,27 @@ def test_config_c_steps_every_weight_inside_backward(bench, one_thread):
     result = bench.train_steps(accelerator, step, config, 1)
     assert result.global_step == 1 and result.state.nonfinite_steps == 0 and fused.skipped == 0
     assert all(not torch.equal(p, stepped[n]) for n, p in params.items())
+
+
+def test_config_d_trains_the_dreambooth_objective_with_its_prior_loss(bench, one_thread):
+    from loratk.objectives.dreambooth import DreamBoothObjective
+
+    _, config, step = _build_tiny_step(bench, "d")
+    assert isinstance(step.objective, DreamBoothObjective)
+    batch = step.batch  # as collate_dreambooth makes it: the instance example, then its class example
+    assert batch["num_instance"] == 1 and batch["latents"].shape[0] == config.batch_size == 2
+    assert batch["paths"] == ["synthetic/instance0.png", "synthetic/class0.png"]
+    with torch.no_grad():
+        out = step.objective.compute_loss(batch)
+        other_class = dict(batch, latents=torch.cat([batch["latents"][:1], 3 * batch["latents"][1:]]))
+        changed = step.objective.compute_loss(other_class)
+    instance, prior = out.logs["train/instance_loss"], out.logs["train/prior_loss"]
+    torch.testing.assert_close(out.loss, instance + bench.PRIOR_LOSS_WEIGHT * prior)
+    assert out.num_images == 1  # instance images; the class image is the prior's
+    # Another class half changes the prior term and the loss, not the instance term.
+    torch.testing.assert_close(changed.logs["train/instance_loss"], instance)
+    assert abs(changed.logs["train/prior_loss"] - prior) > 1e-3
+    assert abs(changed.loss - out.loss) > 1e-3
 
 
 def test_full_size_unet_config_has_sdxl_s_parameter_count(bench):
