@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                                   # CPU: tiny smoke of every configuration
     python benchmarks/train_step.py --full-size --memory-cap-gib 24   # GPU: full-size UNet, a 24 GiB card
     python benchmarks/train_step.py --full-size --configs b --no-memory-cap   # (b) on the whole GPU
+    python benchmarks/train_step.py --full-size --configs c --profile prof    # then profile (c) into prof/
 
 Each configuration builds the UNet from its config (no download), injects the adapter, builds the optimizer
 from `core/optim.py`, and runs `core/loop.run_training` (accumulate, backward, clip, step: the same loop as
@@ -18,6 +19,13 @@ on batches shaped as `collate_dreambooth` makes them ((d): 2 instance + 2 class 
 fused backward step (`optim.fused_backward`: each weight steps from its gradient hook, so the full set of
 gradients is never held). Unlike a real DreamBooth run, which encodes its few images every batch, the batches
 here come cached: the benchmark times the UNet step, not the VAE or the text encoders.
+
+Profiling: after the timed steps, `--profile DIR` runs one more step to warm the profiler up, then traces
+`--profile-steps` (3) steps with `torch.profiler` (CPU and, on a GPU, CUDA activity; shapes recorded, no
+stacks) and writes, per configuration, `DIR/<config>.trace.json`, a chrome trace with one `ProfilerStep#`
+range per step (open it in https://ui.perfetto.dev or chrome://tracing), and `DIR/<config>.top.txt`, the 30
+ops with the most self time (device time on a GPU, CPU time otherwise). Profiled steps are not timed: the
+profiler slows them.
 """
 
 from __future__ import annotations
@@ -455,6 +463,31 @@ def train_steps(
     )
 
 
+def profile_steps(
+    accelerator: Any, step: Step, config: BenchConfig, num_steps: int, out_dir: Path
+) -> dict[str, str]:
+    """Profile `num_steps` more steps (after one untraced step that warms the profiler up); write
+    `<key>.trace.json` (a chrome trace, one `ProfilerStep#` range per step: open it in https://ui.perfetto.dev)
+    and `<key>.top.txt` (the 30 ops with the most self time: device time on CUDA, CPU time otherwise)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = accelerator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with profile(
+        activities=activities,
+        record_shapes=True,
+        with_stack=False,
+        schedule=schedule(wait=0, warmup=1, active=num_steps, repeat=1),
+    ) as prof:
+        train_steps(accelerator, step, config, 1 + num_steps, step_hooks=[lambda _state: prof.step()])
+    trace, top = out_dir / f"{config.key}.trace.json", out_dir / f"{config.key}.top.txt"
+    prof.export_chrome_trace(str(trace))
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    top.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
+    return {"profile_trace": str(trace), "profile_top": str(top)}
+
+
 def run_config(
     accelerator: Any,
     config: BenchConfig,
@@ -465,9 +498,12 @@ def run_config(
     weight_dtype: torch.dtype,
     full_dtype: torch.dtype,
     peak_tflops: float | None,
+    profile_dir: Path | None = None,
+    profile_steps_count: int = 3,
     **performance: Any,
 ) -> dict[str, Any]:
-    """Train `warmup + steps` optimizer steps through `run_training`; time the last `steps`."""
+    """Train `warmup + steps` optimizer steps through `run_training`; time the last `steps`. With
+    `profile_dir`, then profile `profile_steps_count` more steps (see `profile_steps`)."""
     device = accelerator.device
     row: dict[str, Any] = {"config": config.key, **asdict(config)}
     if device.type == "cuda":
@@ -508,10 +544,14 @@ def run_config(
             nonfinite_steps=result.state.nonfinite_steps,
             final_loss=result.losses[-1] if result.losses else None,
         )
+        if device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_reserved(device) / 2**30  # before profiling
+        if profile_dir is not None:
+            row.update(profile_steps(accelerator, step, config, profile_steps_count, profile_dir))
     except torch.OutOfMemoryError as err:
         row.update(status="OOM", error=str(err).splitlines()[0])
     finally:
-        if device.type == "cuda":
+        if device.type == "cuda" and "peak_memory_gib" not in row:
             _synchronize(device)
             row["peak_memory_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         del step
@@ -588,6 +628,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only count full-size FLOPs per image of each configuration on the meta device",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="after the timed steps, profile more: DIR/<config>.trace.json (chrome trace) and .top.txt",
+    )
+    parser.add_argument(
+        "--profile-steps", type=int, default=3, help="steps to profile with --profile (default 3)"
+    )
     return parser.parse_args(argv)
 
 
@@ -641,6 +691,9 @@ def _run(args: argparse.Namespace) -> int:
     configs = [c for c in CONFIGS if c.key in wanted]
     if args.meta_flops:
         return _meta_flops(configs)
+    if args.profile is not None and args.profile_steps < 1:
+        print(f"error: --profile-steps must be at least 1, got {args.profile_steps}", file=sys.stderr)
+        return 2
     if any(c.fused_backward for c in configs):
         try:
             check_fused_backward(accelerator)
@@ -679,6 +732,8 @@ def _run(args: argparse.Namespace) -> int:
             attention=args.attention,
             channels_last=args.channels_last,
             compile_unet=args.compile,
+            profile_dir=args.profile,
+            profile_steps_count=args.profile_steps,
         )
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -122,6 +123,26 @@ def test_config_d_trains_the_dreambooth_objective_with_its_prior_loss(bench, one
     torch.testing.assert_close(changed.logs["train/instance_loss"], instance)
     assert abs(changed.logs["train/prior_loss"] - prior) > 1e-3
     assert abs(changed.loss - out.loss) > 1e-3
+
+
+@pytest.mark.slow  # ~15 s, most of it torch building its event list for `key_averages`
+def test_profile_writes_a_chrome_trace_and_a_top_ops_table(bench, tmp_path):
+    out, rows = tmp_path / "profile", tmp_path / "rows.json"
+    args = ["--tiny", "--configs", "a", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    assert bench.main([*args, "--profile", str(out), "--profile-steps", "1", "--json", str(rows)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.top.txt", "a.trace.json"]
+    names = {e.get("name") for e in json.loads((out / "a.trace.json").read_text())["traceEvents"]}
+    # One traced step; the profiler's warm-up step (#0) is not in the trace.
+    assert "ProfilerStep#1" in names and not names & {"ProfilerStep#0", "ProfilerStep#2"}
+    assert "aten::convolution" in names
+    lines = (out / "a.top.txt").read_text().splitlines()
+    assert "Self CPU %" in lines[1]  # no CUDA: ranked by self CPU time
+    ops = lines[3 : lines.index(lines[0], 3)]
+    assert 0 < len(ops) <= 30 and any("aten::mm " in line for line in ops)
+    shares = [float(re.search(r"\s([\d.]+)%", line).group(1)) for line in ops]
+    assert shares == sorted(shares, reverse=True)
+    row = json.loads(rows.read_text())["rows"][0]
+    assert row["status"] == "ok" and row["profile_trace"] == str(out / "a.trace.json")
 
 
 def test_full_size_unet_config_has_sdxl_s_parameter_count(bench):
