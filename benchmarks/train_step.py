@@ -3,15 +3,29 @@
     python benchmarks/train_step.py                                   # CPU: tiny smoke of every configuration
     python benchmarks/train_step.py --full-size --memory-cap-gib 24   # GPU: full-size UNet, a 24 GiB card
     python benchmarks/train_step.py --full-size --configs b --no-memory-cap   # (b) on the whole GPU
+    python benchmarks/train_step.py --full-size --configs c --profile prof    # then profile (c) into prof/
 
 Each configuration builds the UNet from its config (no download), injects the adapter, builds the optimizer
 from `core/optim.py`, and runs `core/loop.run_training` (accumulate, backward, clip, step: the same loop as
 `loratk.train`) over synthetic cached latents and text embeddings, so no VAE or text encoder is on the device.
 
-Reported per configuration: s/step (median after warm-up), images/s, peak memory
+Reported per configuration: s/step (median after warm-up), images/s, peak memory of the training steps
 (`torch.cuda.max_memory_reserved`), FLOPs per step (`torch.utils.flop_counter.FlopCounterMode`, counted once
 per configuration on one image without gradient checkpointing, i.e. model FLOPs, not recomputation) and the
 share of the GPU's dense bf16 peak those FLOPs reach.
+
+(c) and (d) train as `loratk.train` trains methods "dreambooth" and "dreambooth-lora": `DreamBoothObjective`
+on batches shaped as `collate_dreambooth` makes them ((d): 2 instance + 2 class examples), and (c) with the
+fused backward step (`optim.fused_backward`: each weight steps from its gradient hook, so the full set of
+gradients is never held). Unlike a real DreamBooth run, which encodes its few images every batch, the batches
+here come cached: the benchmark times the UNet step, not the VAE or the text encoders.
+
+Profiling: after the timed steps, `--profile DIR` runs one more step to warm the profiler up, then traces
+`--profile-steps` (3) steps with `torch.profiler` (CPU and, on a GPU, CUDA activity; shapes recorded, no
+stacks) and writes, per configuration, `DIR/<config>.trace.json`, a chrome trace with one `ProfilerStep#`
+range per step (open it in https://ui.perfetto.dev or chrome://tracing), and `DIR/<config>.top.txt`, the 30
+ops with the most self time (device time on a GPU, CPU time otherwise). Profiled steps are not timed: the
+profiler slows them.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +64,10 @@ SDXL_UNET_CONFIG: dict[str, Any] = dict(
     projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled CLIP-G 1280
 )
 SDXL_UNET_PARAMETERS = 2_567_463_684
+
+# The recipe's defaults (`train.max_grad_norm`, `dreambooth.prior_loss_weight`).
+MAX_GRAD_NORM = 1.0
+PRIOR_LOSS_WEIGHT = 1.0
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched in order against torch.cuda.get_device_name().
 BF16_PEAK_TFLOPS = (
@@ -79,12 +98,22 @@ class BenchConfig:
     targets: str = "all-linear"
     gradient_checkpointing: bool = True
     prior_preservation: bool = False
+    fused_backward: bool = False  # optim.fused_backward: each weight steps inside backward
 
 
 CONFIGS = (
     BenchConfig("a", "seed recipe: LoRA r128 all-linear, Adafactor", "lora", 600, 400, 20),
     BenchConfig("b", "LoRA r128 all-linear, Adafactor", "lora", 1024, 1024, 8),
-    BenchConfig("c", "full DreamBooth, Adafactor", "dreambooth", 1024, 1024, 4, rank=None),
+    BenchConfig(
+        "c",
+        "full DreamBooth, Adafactor",
+        "dreambooth",
+        1024,
+        1024,
+        4,
+        rank=None,
+        fused_backward=True,
+    ),
     BenchConfig(
         "d",
         "DreamBooth-LoRA r128, prior preservation 2+2",
@@ -107,13 +136,6 @@ def tiny_version(config: BenchConfig) -> BenchConfig:
     return replace(
         config, width=shrink(config.width), height=shrink(config.height), batch_size=2, rank=config.rank and 8
     )
-
-
-def fused_backward_available() -> bool:
-    """The fused backward step comes with the DreamBooth issue; it is used once `core/optim.py` has it."""
-    from loratk.core import optim
-
-    return hasattr(optim, "build_fused_backward")
 
 
 def find_bf16_peak_tflops(device_name: str) -> float | None:
@@ -164,13 +186,15 @@ def build_model(unet: torch.nn.Module) -> Any:
     )
 
 
+def _pooled_dim(unet_config: dict[str, Any]) -> int:
+    return unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+
+
 def make_cached_batch(
     unet_config: dict[str, Any], width: int, height: int, batch_size: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """A batch as the latent and text-embedding caches deliver it."""
-    pooled_dim = (
-        unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-    )
+    pooled_dim = _pooled_dim(unet_config)
     generator = torch.Generator().manual_seed(0)
     sizes = torch.tensor([[height, width]] * batch_size)
     batch = {
@@ -186,25 +210,96 @@ def make_cached_batch(
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class PriorPreservationObjective:
-    """Instance and class halves of one batch: loss = instance MSE + prior_weight x class MSE.
+def make_dreambooth_batch(
+    unet_config: dict[str, Any],
+    width: int,
+    height: int,
+    batch_size: int,
+    device: torch.device,
+    *,
+    prior_preservation: bool,
+) -> dict[str, Any]:
+    """A batch as `collate_dreambooth` builds it from cached examples: the instance examples first, then (with
+    prior preservation) one class example each, so `batch_size` = instance + class; plus `num_instance`."""
+    from loratk.data.dreambooth import collate_dreambooth
 
-    Stands in for the DreamBooth branch's objective (same UNet work per image) until it is merged.
-    """
+    if prior_preservation and batch_size % 2:
+        raise ValueError(f"prior preservation needs an even batch (instance + class), got {batch_size}")
+    generator = torch.Generator().manual_seed(0)
 
-    def __init__(self, denoiser: Any, num_instance: int, prior_weight: float = 1.0):
-        self.denoiser = denoiser
-        self.num_instance = num_instance
-        self.prior_weight = prior_weight
+    def example(kind: str, index: int) -> dict[str, Any]:
+        # One item as `ImageCaptionDataset.__getitem__` returns it from the latent and text caches.
+        return {
+            "caption": f"a {kind} prompt",
+            "original_size": (height, width),
+            "crop_top_left": (0, 0),
+            "target_size": (height, width),
+            "path": f"synthetic/{kind}{index}.png",
+            "noise_seed": int(torch.randint(0, 2**62, (1,), generator=generator)),
+            "latents": torch.randn(4, height // 8, width // 8, generator=generator),  # [4, H/8, W/8]
+            "prompt_embeds": torch.randn(77, unet_config["cross_attention_dim"], generator=generator),
+            "pooled_prompt_embeds": torch.randn(_pooled_dim(unet_config), generator=generator),
+        }
 
-    def compute_loss(self, batch: dict[str, Any]) -> Any:
-        from loratk.objectives import LossOutput
+    num_instance = batch_size // 2 if prior_preservation else batch_size
+    items = [
+        {"instance": example("instance", i), **({"class": example("class", i)} if prior_preservation else {})}
+        for i in range(num_instance)
+    ]
+    batch = collate_dreambooth(items)  # latents [num_instance + num_class, 4, H/8, W/8]
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-        inputs = self.denoiser.encode_batch(batch)
-        per_sample = self.denoiser.per_sample_loss(inputs)  # [B]
-        n = self.num_instance
-        loss = per_sample[:n].mean() + self.prior_weight * per_sample[n:].mean()
-        return LossOutput(loss=loss, num_images=per_sample.shape[0])
+
+def objective_kind(config: BenchConfig) -> str:
+    """The objective kind ("caption" or "dreambooth") that `loratk.train` pairs with `config.method`."""
+    from loratk.train import METHODS
+
+    return METHODS[config.method][1]
+
+
+def build_objective(
+    config: BenchConfig, model: Any, *, device: torch.device, weight_dtype: torch.dtype
+) -> Any:
+    """The objective `loratk.train.build_objective` builds for `config.method`, with the recipe's defaults."""
+    from loratk.objectives.denoising import SDXLDenoiser
+
+    denoiser = SDXLDenoiser(model, device=device, weight_dtype=weight_dtype)
+    if objective_kind(config) == "dreambooth":
+        from loratk.objectives.dreambooth import DreamBoothObjective
+
+        return DreamBoothObjective(denoiser, prior_loss_weight=PRIOR_LOSS_WEIGHT)
+    from loratk.objectives.caption import CaptionObjective
+
+    return CaptionObjective(denoiser)
+
+
+def make_step_batch(config: BenchConfig, unet_config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch `config`'s objective trains on: DreamBooth's instance (+ class) batch, or a caption batch."""
+    if objective_kind(config) == "dreambooth":
+        return make_dreambooth_batch(
+            unet_config,
+            config.width,
+            config.height,
+            config.batch_size,
+            device,
+            prior_preservation=config.prior_preservation,
+        )
+    if config.prior_preservation:
+        raise ValueError(f"prior preservation is for the DreamBooth methods, not {config.method!r}")
+    return make_cached_batch(unet_config, config.width, config.height, config.batch_size, device)
+
+
+def check_fused_backward(accelerator: Any) -> None:
+    """Refuse what the recipe and `loratk.train` refuse with `optim.fused_backward`."""
+    problems = []
+    if accelerator.num_processes > 1:
+        problems.append("it steps weights before gradients are averaged across processes: run one process")
+    if accelerator.gradient_accumulation_steps > 1:
+        problems.append("it steps each weight during backward, so it cannot accumulate gradients")
+    if accelerator.mixed_precision == "fp16":
+        problems.append("fp16 needs a gradient scaler, which steps all weights at once: use bf16")
+    if problems:
+        raise ValueError("fused backward: " + "; ".join(problems))
 
 
 @dataclass
@@ -215,7 +310,7 @@ class Step:
     objective: Any
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    batch: dict[str, torch.Tensor]
+    batch: dict[str, Any]
     num_trainable: int
 
 
@@ -230,13 +325,13 @@ def build_step(
     channels_last: bool = False,
     compile_unet: bool = False,
 ) -> Step:
-    """The UNet, adapter, objective and optimizer for one configuration, built as `loratk.train` builds them."""
+    """The UNet, adapter, objective and optimizer of one configuration, built as `loratk.train` does."""
     from loratk.adapters.lora import LoraAdapter
     from loratk.core.optim import build_lr_scheduler, build_optimizer
     from loratk.models.sdxl import apply_performance_options
-    from loratk.objectives.caption import CaptionObjective
-    from loratk.objectives.denoising import SDXLDenoiser
 
+    if config.fused_backward:
+        check_fused_backward(accelerator)
     device = accelerator.device
     unet = build_unet(unet_config, device)
     unet.requires_grad_(False)
@@ -257,18 +352,21 @@ def build_step(
     apply_performance_options(
         unet, attention=attention, channels_last=channels_last, compile_unet=compile_unet
     )
-    optimizer = build_optimizer(groups, config.optimizer, lr=groups[0]["lr"])
+    # With fused backward, each weight steps from its gradient hook, its gradient clipped on its own.
+    optimizer = build_optimizer(
+        groups,
+        config.optimizer,
+        lr=groups[0]["lr"],
+        fused_backward=config.fused_backward,
+        max_grad_norm=MAX_GRAD_NORM,
+    )
     prepared_unet, optimizer = accelerator.prepare(unet, optimizer)
     lr_scheduler = accelerator.prepare(
         build_lr_scheduler(optimizer, "constant", warmup_steps=0, total_steps=1)
     )
     unet_dtype = full_dtype if config.rank is None else weight_dtype
-    denoiser = SDXLDenoiser(build_model(prepared_unet), device=device, weight_dtype=unet_dtype)
-    if config.prior_preservation:
-        objective: Any = PriorPreservationObjective(denoiser, num_instance=config.batch_size // 2)
-    else:
-        objective = CaptionObjective(denoiser)
-    batch = make_cached_batch(unet_config, config.width, config.height, config.batch_size, device)
+    objective = build_objective(config, build_model(prepared_unet), device=device, weight_dtype=unet_dtype)
+    batch = make_step_batch(config, unet_config, device)
     num_trainable = sum(p.numel() for g in groups for p in g["params"])
     return Step(prepared_unet, objective, optimizer, lr_scheduler, batch, num_trainable)
 
@@ -278,14 +376,18 @@ def build_step(
 
 def count_step_flops(step: Step, config: BenchConfig) -> int:
     """FLOPs of one training step (forward + backward; the optimizer is negligible), counted on one image
-    without gradient checkpointing and scaled to the batch: model FLOPs, not what recomputation adds."""
+    without gradient checkpointing and scaled to the batch: model FLOPs, not what recomputation adds.
+
+    With a fused backward the optimizer steps inside this backward: one more untimed step before warm-up.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = step.unet
     checkpointing = unet.is_gradient_checkpointing
     if checkpointing:
         unet.disable_gradient_checkpointing()
-    one = {k: v[:1] for k, v in step.batch.items()}
+    # The first example; lists (captions, paths, noise seeds) too. `num_instance` is the objective's only.
+    one = {k: v[:1] for k, v in step.batch.items() if isinstance(v, torch.Tensor | list)}
     counter = FlopCounterMode(display=False)
     try:
         with counter:
@@ -328,6 +430,64 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_steps(
+    accelerator: Any, step: Step, config: BenchConfig, num_steps: int, step_hooks: Sequence[Any] = ()
+) -> Any:
+    """`num_steps` optimizer steps of `core/loop.run_training` on the step's batch, as `loratk.train` runs
+    them: one process, no accumulation (which fused backward cannot do), clipping at `MAX_GRAD_NORM`."""
+    from loratk.core.loop import run_training
+    from loratk.plan import compute_plan
+
+    plan = compute_plan(
+        num_examples=num_steps * config.batch_size,
+        batches_per_epoch=num_steps,
+        per_device_batch=config.batch_size,
+        gradient_accumulation_steps=1,
+        num_processes=1,
+        epochs=1,
+        max_steps=None,
+    )
+    return run_training(
+        accelerator,
+        objective=step.objective,
+        modules=[step.unet],
+        optimizer=step.optimizer,
+        lr_scheduler=step.lr_scheduler,
+        dataloader=[step.batch] * num_steps,
+        plan=plan,
+        seed=0,
+        max_grad_norm=MAX_GRAD_NORM,
+        log_every_n_steps=num_steps,  # one host sync for logging, at the end
+        step_hooks=step_hooks,
+        max_nonfinite_steps=num_steps + 1,
+    )
+
+
+def profile_steps(
+    accelerator: Any, step: Step, config: BenchConfig, num_steps: int, out_dir: Path
+) -> dict[str, str]:
+    """Profile `num_steps` more steps (after one untraced step that warms the profiler up); write
+    `<key>.trace.json` (a chrome trace, one `ProfilerStep#` range per step: open it in https://ui.perfetto.dev)
+    and `<key>.top.txt` (the 30 ops with the most self time: device time on CUDA, CPU time otherwise)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = accelerator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with profile(
+        activities=activities,
+        record_shapes=True,
+        with_stack=False,
+        schedule=schedule(wait=0, warmup=1, active=num_steps, repeat=1),
+    ) as prof:
+        train_steps(accelerator, step, config, 1 + num_steps, step_hooks=[lambda _state: prof.step()])
+    trace, top = out_dir / f"{config.key}.trace.json", out_dir / f"{config.key}.top.txt"
+    prof.export_chrome_trace(str(trace))
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    top.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
+    return {"profile_trace": str(trace), "profile_top": str(top)}
+
+
 def run_config(
     accelerator: Any,
     config: BenchConfig,
@@ -338,17 +498,14 @@ def run_config(
     weight_dtype: torch.dtype,
     full_dtype: torch.dtype,
     peak_tflops: float | None,
+    profile_dir: Path | None = None,
+    profile_steps_count: int = 3,
     **performance: Any,
 ) -> dict[str, Any]:
-    """Train `warmup + steps` optimizer steps through `run_training`; time the last `steps`."""
-    from loratk.core.loop import run_training
-    from loratk.plan import compute_plan
-
+    """Train `warmup + steps` optimizer steps through `run_training`; time the last `steps`. With
+    `profile_dir`, then profile `profile_steps_count` more steps (see `profile_steps`)."""
     device = accelerator.device
     row: dict[str, Any] = {"config": config.key, **asdict(config)}
-    row["fused_backward"] = "n/a (no fused backward in core/optim.py yet)"
-    if config.rank is None and fused_backward_available():
-        row["fused_backward"] = "available, not yet wired into this benchmark"
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -360,38 +517,20 @@ def run_config(
         )
         row["trainable_parameters"] = step.num_trainable
         flops = count_step_flops(step, config)
-        total = warmup + steps
+        if device.type == "cuda":
+            # Peak memory is the training steps': counting FLOPs runs one image without checkpointing.
+            _synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         stamps: list[float] = []
 
         def stamp(_state: Any) -> None:
             _synchronize(device)
             stamps.append(time.perf_counter())
 
-        plan = compute_plan(
-            num_examples=total * config.batch_size,
-            batches_per_epoch=total,
-            per_device_batch=config.batch_size,
-            gradient_accumulation_steps=1,
-            num_processes=1,
-            epochs=1,
-            max_steps=None,
-        )
         _synchronize(device)
         stamps.append(time.perf_counter())
-        result = run_training(
-            accelerator,
-            objective=step.objective,
-            modules=[step.unet],
-            optimizer=step.optimizer,
-            lr_scheduler=step.lr_scheduler,
-            dataloader=[step.batch] * total,
-            plan=plan,
-            seed=0,
-            max_grad_norm=1.0,
-            log_every_n_steps=total,  # one host sync for logging, at the end
-            step_hooks=[stamp],
-            max_nonfinite_steps=total + 1,
-        )
+        result = train_steps(accelerator, step, config, warmup + steps, step_hooks=[stamp])
         durations = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][warmup:]
         s_per_step = statistics.median(durations)
         row.update(
@@ -405,10 +544,14 @@ def run_config(
             nonfinite_steps=result.state.nonfinite_steps,
             final_loss=result.losses[-1] if result.losses else None,
         )
+        if device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_reserved(device) / 2**30  # before profiling
+        if profile_dir is not None:
+            row.update(profile_steps(accelerator, step, config, profile_steps_count, profile_dir))
     except torch.OutOfMemoryError as err:
         row.update(status="OOM", error=str(err).splitlines()[0])
     finally:
-        if device.type == "cuda":
+        if device.type == "cuda" and "peak_memory_gib" not in row:
             _synchronize(device)
             row["peak_memory_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         del step
@@ -428,13 +571,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
 
     lines = [
-        "| config | what | size | batch | s/step | images/s | peak GiB | TFLOP/step | % bf16 peak | status |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| config | what | size | batch | fused backward | s/step | images/s | peak GiB | TFLOP/step "
+        "| % bf16 peak | status |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         share = r.get("bf16_peak_share")
         lines.append(
             f"| ({r['config']}) | {r['what']} | {r['width']}x{r['height']} | {r['batch_size']} | "
+            f"{'yes' if r['fused_backward'] else 'no'} | "
             f"{num(r.get('s_per_step'), '.3f')} | {num(r.get('images_per_s'), '.2f')} | "
             f"{num(r.get('peak_memory_gib'), '.1f')} | {num(r.get('tflop_per_step'), '.3g')} | "
             f"{num(share * 100 if share is not None else None, '.1f')} | {r['status']} |"
@@ -483,6 +628,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only count full-size FLOPs per image of each configuration on the meta device",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="after the timed steps, profile more: DIR/<config>.trace.json (chrome trace) and .top.txt",
+    )
+    parser.add_argument(
+        "--profile-steps", type=int, default=3, help="steps to profile with --profile (default 3)"
+    )
     return parser.parse_args(argv)
 
 
@@ -536,6 +691,16 @@ def _run(args: argparse.Namespace) -> int:
     configs = [c for c in CONFIGS if c.key in wanted]
     if args.meta_flops:
         return _meta_flops(configs)
+    if args.profile is not None and args.profile_steps < 1:
+        print(f"error: --profile-steps must be at least 1, got {args.profile_steps}", file=sys.stderr)
+        return 2
+    if any(c.fused_backward for c in configs):
+        try:
+            check_fused_backward(accelerator)
+        except ValueError as err:
+            fused = ",".join(c.key for c in configs if c.fused_backward)
+            print(f"error: configuration(s) {fused}: {err}", file=sys.stderr)
+            return 2
     if tiny:
         configs = [tiny_version(c) for c in configs]
     if args.no_checkpointing:
@@ -567,6 +732,8 @@ def _run(args: argparse.Namespace) -> int:
             attention=args.attention,
             channels_last=args.channels_last,
             compile_unet=args.compile,
+            profile_dir=args.profile,
+            profile_steps_count=args.profile_steps,
         )
         print(json.dumps(row), flush=True)
         rows.append(row)
