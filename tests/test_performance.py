@@ -353,3 +353,13 @@ def test_a_step_that_does_not_log_reads_the_device_only_through_the_step_agreeme
         others = [(kind, sorted(callers)) for kind, callers in reads if "StepAgreement.read" not in callers]
         assert len(agreed) == 1, f"step {index + 1}"
         assert others == [], f"step {index + 1} reads the device outside the step agreement: {others}"
+
+
+def test_batches_are_pinned_and_copied_to_the_device_without_blocking(tmp_path, tiny_sdxl_dir, images_dir):
+    run = TrainingRun(make_recipe(tmp_path, tiny_sdxl_dir, images_dir))
+    run.setup()
+    try:
+        assert run.accelerator.non_blocking is True
+        assert run.dataloader.base_dataloader.pin_memory is torch.cuda.is_available()
+    finally:
+        run.cleanup()

@@ -587,7 +587,7 @@ class TrainingRun:
     def setup(self) -> None:
         from accelerate import Accelerator, PartialState
         from accelerate.logging import get_logger
-        from accelerate.utils import set_seed
+        from accelerate.utils import DataLoaderConfiguration, set_seed
 
         from loratk.core.checkpoint import RunLock, StateManager, atomic_write_text
         from loratk.core.optim import build_lr_scheduler, build_optimizer
@@ -612,6 +612,8 @@ class TrainingRun:
             log_with=recipe.train.report_to or None,
             project_dir=str(self.run_dir),
             step_scheduler_with_optimizer=False,
+            # Batches (pinned by the DataLoader) are copied to the device without blocking the host.
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
         )
         set_seed(recipe.seed)
         require_attention_backend(recipe.performance.attention)  # a missing xformers fails before any loading

@@ -265,4 +265,5 @@ def build_dataloader(
         collate_fn=collate_batch,
         num_workers=num_workers,
         persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU without blocking
     )
