@@ -228,3 +228,33 @@ def test_cache_copies_are_independent_of_folder_names(tmp_path, images_dir):
         cache, _dataset(tmp_path, moved).latent_requests([1]), FakeVAE(), progress=False
     )
     assert stats.built == 0
+
+
+def test_two_processes_split_the_caching_without_duplicate_work(tmp_path, images_dir):
+    """Each rank encodes its own shard of the missing entries; together they cover all, none twice."""
+    dataset = _dataset(tmp_path, images_dir)
+    cache = LatentCache(tmp_path / "cache", "a" * 64)
+    vaes = [FakeVAE(), FakeVAE()]
+    for rank, vae in enumerate(vaes):
+        build_latent_cache(
+            cache, dataset.latent_requests([1]), vae, process_index=rank, num_processes=2, progress=False
+        )
+    assert [v.images for v in vaes] == [3, 3]
+    stats = build_latent_cache(cache, dataset.latent_requests([1]), FakeVAE(), progress=False)
+    assert (stats.reused, stats.built) == (6, 0)
+
+    texts = TextEmbeddingCache(tmp_path / "cache", "t" * 64)
+    encoded: list[list[str]] = [[], []]
+    captions = dataset.caption_texts([1])
+
+    def encoder(rank):
+        def encode(batch):
+            encoded[rank].extend(batch)
+            return torch.zeros(len(batch), 4, 8), torch.zeros(len(batch), 8)
+
+        return encode
+
+    for rank in (0, 1):
+        build_text_cache(texts, captions, encoder(rank), process_index=rank, num_processes=2, progress=False)
+    assert not set(encoded[0]) & set(encoded[1])
+    assert sorted(encoded[0] + encoded[1]) == sorted(set(captions))
