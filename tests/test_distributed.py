@@ -381,3 +381,39 @@ def test_the_preflight_runs_once_and_every_rank_gets_its_report_or_its_error(
     assert rank0[str(good_recipe)] == rank1[str(good_recipe)] == {"good": 6}
     assert "broken.png" in rank1[str(bad_recipe)]["error"]
     assert rank0[str(bad_recipe)] == rank1[str(bad_recipe)]
+
+
+def test_the_launch_check_lists_every_problem_at_once(tmp_path):
+    from loratk.train import LaunchError, check_launch
+
+    recipe = make_recipe(
+        tmp_path,
+        "m",
+        tmp_path,
+        optim={"name": "adafactor", "fused_backward": True},
+        lora={"train_text_encoders": True},
+    )
+    with pytest.raises(LaunchError) as err:
+        check_launch(recipe, _FakeAccelerator("DEEPSPEED", 2, 3), samples_during_training=True)
+    assert str(err.value).count("\n  ") == 3 and "cannot run on DeepSpeed ZeRO-3" in str(err.value)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_each_config_headers_example_command_passes_the_launch_check(path, monkeypatch):
+    """The command in each config's header is one a user can paste: its recipe and overrides fit the engine."""
+    import shlex
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from loratk.recipe import load_recipe
+    from loratk.train import check_launch, load_sample_prompts
+
+    config = load_config_from_file(str(path))
+    command = next(line for line in path.read_text().splitlines() if "-m loratk.train" in line)
+    recipe_path, *overrides = shlex.split(command.split("-m loratk.train", 1)[1])
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(recipe_path, overrides)
+    zero_stage = (config.deepspeed_config or {}).get("zero_stage")
+    kind = str(config.distributed_type).rsplit(".", 1)[-1]
+    engine = _FakeAccelerator(kind, config.num_processes, zero_stage)
+    check_launch(recipe, engine, samples_during_training=bool(load_sample_prompts(recipe)))

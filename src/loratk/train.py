@@ -62,25 +62,30 @@ def describe_engine(accelerator: Any) -> tuple[str, bool]:
 
 
 def check_launch(recipe: Recipe, accelerator: Any, *, samples_during_training: bool) -> None:
-    """Refuse, before any model loads, recipe options the launch's engine cannot run; name the key and a fix."""
+    """Refuse, before any model loads, recipe options the launch's engine cannot run: every problem at
+    once, each naming the key and a fix."""
     engine, sharded = describe_engine(accelerator)
+    problems = []
     if recipe.optim.fused_backward and accelerator.num_processes > 1:
-        raise LaunchError(
-            "optim.fused_backward steps weights before gradients are averaged across processes, and this "
-            f"launch runs {engine}: train on one process or set optim.fused_backward = false"
+        problems.append(
+            "optim.fused_backward steps each weight before the processes have combined their gradients: "
+            "set optim.fused_backward = false, or train on one process"
         )
     if sharded and samples_during_training:
-        raise LaunchError(
+        problems.append(
             f"[sample] renders on the main process alone, but {engine} shards the weights across processes: "
-            "remove sample.prompts / sample.prompts_file and render the saved epochs with `loratk sample`, "
-            "or launch with accelerate_configs/multi_gpu.yaml"
+            "set sample.prompts = [] (and no sample.prompts_file) and render the saved epochs with "
+            "`loratk sample`, or launch with accelerate_configs/multi_gpu.yaml"
         )
     if engine.startswith("DeepSpeed") and _trains_text_encoders(recipe):
         section = "full" if _adapter_kind(recipe) == "full" else "lora"
-        raise LaunchError(
+        problems.append(
             f"{engine} trains one model per run, and {section}.train_text_encoders = true adds both text "
             "encoders: set it to false, or launch with accelerate_configs/multi_gpu.yaml or fsdp.yaml"
         )
+    if problems:
+        lines = "\n".join(f"  {p}" for p in problems)
+        raise LaunchError(f"this recipe cannot run on {engine}:\n{lines}")
 
 
 def _clear_run_outputs(run_dir: Path, name: str) -> None:
