@@ -417,3 +417,17 @@ def test_each_config_headers_example_command_passes_the_launch_check(path, monke
     kind = str(config.distributed_type).rsplit(".", 1)[-1]
     engine = _FakeAccelerator(kind, config.num_processes, zero_stage)
     check_launch(recipe, engine, samples_during_training=bool(load_sample_prompts(recipe)))
+
+
+def test_unsharded_runs_export_the_live_weights_without_gathering(tmp_path, tiny_sdxl_dir, images_dir):
+    """A gather copies every weight (DeepSpeed clones the whole state dict): only sharded engines need it."""
+    from loratk.train import TrainingRun, describe_engine
+
+    run = TrainingRun(make_recipe(tmp_path, tiny_sdxl_dir, images_dir))
+    run.setup()
+    try:
+        assert describe_engine(run.accelerator) == ("NO", False) and run.exporter.gather is None
+        assert describe_engine(_FakeAccelerator("FSDP", 2)) == ("FSDP", True)
+        assert describe_engine(_FakeAccelerator("DEEPSPEED", 2, 2)) == ("DeepSpeed ZeRO-2", False)
+    finally:
+        run.cleanup()

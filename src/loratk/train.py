@@ -748,7 +748,8 @@ class TrainingRun:
             or (self.plan.num_epochs if _adapter_kind(recipe) == "full" else 1),
             num_epochs=self.plan.num_epochs,
             metadata=_export_metadata(recipe, self.dataset, self.plan),
-            gather=self._gather_weights,
+            # Only sharded engines need a gather; elsewhere every process holds the whole live weights.
+            gather=self._gather_weights if describe_engine(accelerator)[1] else None,
             is_main=accelerator.is_main_process,
         )
         # Samples come after the export, from the live model (no reload).
@@ -761,7 +762,7 @@ class TrainingRun:
         self.state = self._load_resume_state()
 
     def _gather_weights(self) -> dict[str, dict[str, Any]]:
-        """Full state dicts of the trained parts, by their plain names; a collective under FSDP and
+        """Full state dicts of the trained parts, by their plain names: a collective under FSDP and
         DeepSpeed ZeRO-3 (every rank calls it, the main process gets the weights)."""
         return {
             name: self.accelerator.get_state_dict(module)

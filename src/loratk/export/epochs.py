@@ -22,9 +22,9 @@ Weights = dict[str, dict[str, Any]]  # model part ("unet", "text_encoder", ...) 
 class EpochExporter:
     """An epoch hook (`(epoch, global_step) -> None`) that writes the adapter files of a run.
 
-    It runs on every process: `gather` collects the full weights of the trained parts, a collective under
-    sharded engines (FSDP, DeepSpeed ZeRO-3: `accelerator.get_state_dict`), and only the main process
-    (`is_main`) writes them.
+    It runs on every process. Under sharded engines (FSDP, DeepSpeed ZeRO-3) `gather` collects the full
+    weights of the trained parts, a collective (`accelerator.get_state_dict`); without it the live modules
+    are exported. Only the main process (`is_main`) writes.
     """
 
     def __init__(
