@@ -431,3 +431,93 @@ def test_unsharded_runs_export_the_live_weights_without_gathering(tmp_path, tiny
         assert describe_engine(_FakeAccelerator("DEEPSPEED", 2, 2)) == ("DeepSpeed ZeRO-2", False)
     finally:
         run.cleanup()
+
+
+FSDP2_DRIVER = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from loratk.adapters.full import FullAdapter
+from loratk.export.epochs import EpochExporter
+from loratk.models.sdxl import load_sdxl
+from loratk.recipe import load_recipe
+from loratk.train import build_adapter, describe_engine, gather_full_weights, use_cpu_for_multiprocess_launch
+
+recipe, out = load_recipe(sys.argv[1]), Path(sys.argv[2])
+accelerator = Accelerator(cpu=use_cpu_for_multiprocess_launch())
+mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+
+for kind in ("lora", "full"):
+    model = load_sdxl(recipe.model.path)
+    adapter = build_adapter(recipe) if kind == "lora" else FullAdapter(export_dtype="fp32")
+    torch.manual_seed(0)  # every rank initialises the adapter alike (`loratk.train` seeds before it too)
+    adapter.apply(model)
+    with torch.no_grad():  # weights that look trained, the same on every rank
+        for name, param in model.unet.named_parameters():
+            if param.requires_grad and (kind == "full" or "lora_B" in name):
+                param.add_(torch.randn_like(param) * 0.1)
+    if accelerator.is_main_process:
+        adapter.export(model, out / f"{kind}-unsharded.safetensors", {})
+    # Shard as Accelerate's FSDP2 wrap does: every transformer block, then the UNet.
+    for module in list(model.unet.modules()):
+        if type(module).__name__ == "BasicTransformerBlock":
+            fully_shard(module, mesh=mesh)
+    fully_shard(model.unet, mesh=mesh)
+    assert isinstance(next(model.unet.parameters()), DTensor)
+    # Accelerate's FSDP2 branch of get_state_dict (a CPU launch cannot select FSDP by itself).
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = SimpleNamespace(fsdp_version=2)
+    assert describe_engine(accelerator) == ("FSDP", True)
+    EpochExporter(
+        adapter=adapter,
+        model=model,
+        run_dir=out,
+        name=f"{kind}-sharded",
+        every_n_epochs=1,
+        num_epochs=1,
+        metadata=lambda epoch, step: {},
+        gather=lambda: gather_full_weights(accelerator, {"unet": model.unet}),
+        is_main=accelerator.is_main_process,
+    )(1, 1)
+    accelerator.state.distributed_type = DistributedType.MULTI_CPU
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (out / "epoch1.safetensors").rename(out / f"{kind}-sharded.safetensors")
+    accelerator.wait_for_everyone()
+accelerator.end_training()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_weights_export_exactly_as_the_unsharded_model(tmp_path, tiny_sdxl_dir, images_dir):
+    """Two CPU processes shard the UNet with FSDP2 (`fully_shard`); the export gathers with Accelerate's
+    `get_state_dict` and must write the same tensors as the unsharded model, for LoRA and full weights."""
+    import torch
+
+    recipe = _write(tmp_path, tiny_sdxl_dir, images_dir, "fsdp2")
+    (tmp_path / "driver.py").write_text(FSDP2_DRIVER)
+    (tmp_path / "out").mkdir()
+    accelerate = Path(sys.executable).with_name("accelerate")
+    config = str(REPO / "accelerate_configs" / "cpu_2proc.yaml")
+    done = subprocess.run(
+        [str(accelerate), "launch", "--config_file", config, "driver.py", str(recipe), "out"],
+        cwd=tmp_path,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    for kind in ("lora", "full"):
+        sharded = _weights(tmp_path / "out" / f"{kind}-sharded.safetensors")
+        unsharded = _weights(tmp_path / "out" / f"{kind}-unsharded.safetensors")
+        assert sharded.keys() == unsharded.keys() and len(sharded) > 10
+        assert all(torch.equal(sharded[k], unsharded[k]) for k in sharded), kind

@@ -61,6 +61,13 @@ def describe_engine(accelerator: Any) -> tuple[str, bool]:
     ), False
 
 
+def gather_full_weights(accelerator: Any, modules: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Full state dicts of the (prepared) trained parts, by their plain names, through Accelerate's
+    `get_state_dict`: a collective under FSDP and DeepSpeed ZeRO-3, which every rank calls and whose weights
+    the main process receives."""
+    return {name: accelerator.get_state_dict(module) for name, module in modules.items()}
+
+
 def check_launch(recipe: Recipe, accelerator: Any, *, samples_during_training: bool) -> None:
     """Refuse, before any model loads, recipe options the launch's engine cannot run: every problem at
     once, each naming the key and a fix."""
@@ -762,12 +769,9 @@ class TrainingRun:
         self.state = self._load_resume_state()
 
     def _gather_weights(self) -> dict[str, dict[str, Any]]:
-        """Full state dicts of the trained parts, by their plain names: a collective under FSDP and
-        DeepSpeed ZeRO-3 (every rank calls it, the main process gets the weights)."""
-        return {
-            name: self.accelerator.get_state_dict(module)
-            for name, module in zip(self.trainable_names, self.modules, strict=True)
-        }
+        return gather_full_weights(
+            self.accelerator, dict(zip(self.trainable_names, self.modules, strict=True))
+        )
 
     def _prepare_run_dir(self) -> None:
         """Refuse a run directory that holds a different recipe, unless resuming it or overwriting."""
