@@ -521,3 +521,79 @@ def test_fsdp2_sharded_weights_export_exactly_as_the_unsharded_model(tmp_path, t
         unsharded = _weights(tmp_path / "out" / f"{kind}-unsharded.safetensors")
         assert sharded.keys() == unsharded.keys() and len(sharded) > 10
         assert all(torch.equal(sharded[k], unsharded[k]) for k in sharded), kind
+
+
+FSDP_TRAIN_DRIVER = """
+import sys
+
+import accelerate
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+from loratk.recipe import load_recipe
+from loratk.train import TrainingRun, describe_engine
+
+
+class FSDPOnCPU(accelerate.Accelerator):
+    # Accelerate selects FSDP on GPUs only; on this CPU launch the engine is switched after start-up, with the
+    # plugin read from the FSDP_* variables that `accelerate launch --config_file fsdp.yaml` set.
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.state.distributed_type = DistributedType.FSDP
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
+accelerate.Accelerator = FSDPOnCPU
+run = TrainingRun(load_recipe(sys.argv[1], sys.argv[2:]))
+run.setup()
+assert describe_engine(run.accelerator) == ("FSDP", True) and run.accelerator.is_fsdp2
+run.train()
+run.cleanup()
+"""
+
+
+@pytest.mark.slow
+def test_a_run_on_the_fsdp_config_trains_saves_and_resumes_like_ddp(tmp_path, tiny_sdxl_dir, images_dir):
+    """accelerate_configs/fsdp.yaml (FSDP2) on two CPU processes: 2 epochs, then resumed to 3, end with the
+    adapter of a 3-epoch DDP run; states are FSDP's sharded folders."""
+    import torch
+
+    recipe = _write(
+        tmp_path,
+        tiny_sdxl_dir,
+        images_dir,
+        "fsdp",
+        train={"epochs": 2, "batch_size": 1},
+        optim={"name": "adamw"},
+    )
+    (tmp_path / "driver.py").write_text(FSDP_TRAIN_DRIVER)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+    def fsdp(*overrides: str) -> None:
+        config = ["--config_file", str(REPO / "accelerate_configs" / "fsdp.yaml"), "--mixed_precision", "no"]
+        done = subprocess.run(
+            [str(accelerate), "launch", *config, "driver.py", str(recipe), *overrides],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    fsdp()
+    states = sorted((tmp_path / "runs" / "fsdp" / "state").iterdir())
+    assert states and all((s / "pytorch_model_fsdp_0").is_dir() for s in states)
+    fsdp("train.epochs=3")
+    ddp = _launch(recipe, tmp_path, 2, "name=ddp", "train.epochs=3")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = [json.loads(x) for x in (tmp_path / "runs" / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 10))
+    for epoch in (2, 3):
+        a = _weights(tmp_path / "runs" / "fsdp" / f"epoch{epoch}.safetensors")
+        b = _weights(tmp_path / "runs" / "ddp" / f"epoch{epoch}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4, msg=key)

@@ -271,7 +271,8 @@ class StateManager:
 
     @staticmethod
     def _keep_trainable_weights(models: list, weights: list, output_dir: str) -> None:
-        for i, names in enumerate(_trainable_names(models)):
+        # FSDP and DeepSpeed save their models themselves and hand this hook no weights.
+        for i, names in enumerate(_trainable_names(models)[: len(weights)]):
             weights[i] = {k: v for k, v in weights[i].items() if k in names}
 
     def save(self, state: TrainState) -> Path:
