@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loratk.core.engine import describe_engine
 from loratk.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 
 
@@ -46,19 +47,6 @@ class RunDirError(RuntimeError):
 
 class LaunchError(RuntimeError):
     """The recipe asks for something the `accelerate launch` configuration cannot run."""
-
-
-def describe_engine(accelerator: Any) -> tuple[str, bool]:
-    """(the launch's engine in words, whether it shards the weights across processes)."""
-    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if kind == "FSDP":
-        return "FSDP", True
-    if kind == "DEEPSPEED":
-        stage = accelerator.state.deepspeed_plugin.zero_stage
-        return f"DeepSpeed ZeRO-{stage}", stage == 3
-    return (
-        f"{accelerator.num_processes} processes ({kind})" if accelerator.num_processes > 1 else kind
-    ), False
 
 
 def gather_full_weights(accelerator: Any, modules: dict[str, Any]) -> dict[str, dict[str, Any]]:

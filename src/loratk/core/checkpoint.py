@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from loratk.core.engine import engine_kind
+
 
 class OutputWriteError(OSError):
     """A file could not be written; the message names it, and the previous version is intact."""
@@ -335,7 +337,7 @@ class StateManager:
 def writes_model_files(accelerator: Any) -> bool:
     """Whether `save_state` writes `model.safetensors` files (trainable weights only, checked on load).
     FSDP and DeepSpeed write their own sharded checkpoint folders instead, whole and loaded by themselves."""
-    return str(accelerator.distributed_type).rsplit(".", 1)[-1] not in ("FSDP", "DEEPSPEED")
+    return engine_kind(accelerator) not in ("FSDP", "DEEPSPEED")
 
 
 def choose_state(root: Path, resume: str) -> list[Path]:
