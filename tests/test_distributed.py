@@ -153,8 +153,9 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, ti
     common = dict(
         data={"dir": "images", "buckets": False, "shuffle": False, "repeats": 2},
         # Adam turns float-rounding noise in near-zero gradients into +-lr steps: a small lr keeps that noise
-        # under the tolerance while the weights still move (checked below).
-        train={"epochs": 2, "learning_rate": 1e-3},
+        # under the tolerance while the weights still move (checked below). The UNet's CPU kernels round
+        # differently for batch 2 and batch 4 (about 1e-6 per forward), which 1e-3 amplified to 2e-5.
+        train={"epochs": 2, "learning_rate": 1e-4},
         export={"dtype": "fp32"},
     )
     one = _write(

@@ -66,23 +66,38 @@ def generate_class_images(
         if class_image_name(k, seed + k) not in taken:
             slots.append(k)
         k += 1
-    width, height = size
-    # Same index for all: `generate_images` batches specs that differ only in their seed.
-    specs = [
-        ImageSpec(prompt, negative_prompt, width, height, seed + k, steps, guidance, index=1) for k in slots
+    # A batch's images differ in their last bits from the same images rendered in another batch (CPU and GPU
+    # kernels depend on the batch shape). So batch j always holds the slots jB..jB+B-1 that the folder has
+    # when done, and a batch with a lost image is rendered whole again: a resumed generation then writes
+    # exactly the bytes an uninterrupted one would have.
+    done = set(slots) | {k for k in range(max(slots) + 1) if class_image_name(k, seed + k) in taken}
+    batches = [
+        [j for j in sorted(done) if j // batch_size == b] for b in sorted({k // batch_size for k in slots})
     ]
+    width, height = size
     folder.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(model, scheduler=scheduler, prediction_type=prediction_type)
+    wanted = set(slots)
     written: list[Path] = []
     bar = tqdm(total=missing, desc="class images", unit="img", disable=not progress)
     try:
         with sampling_mode(_model_modules(model)):
-            images = generate_images(pipe, specs, batch_size=batch_size, progress=bar.update)
-            for k, (spec, image) in zip(slots, images, strict=True):
-                path = folder / class_image_name(k, spec.seed)
-                text = image_parameters(spec, scheduler=scheduler, model=model_name)
-                save_png(image, path, text, **{"loratk.class_prompt": prompt, "loratk.seed": str(spec.seed)})
-                written.append(path)
+            for batch in batches:
+                # Same index for all: `generate_images` batches specs that differ only in their seed.
+                specs = [
+                    ImageSpec(prompt, negative_prompt, width, height, seed + k, steps, guidance, index=1)
+                    for k in batch
+                ]
+                images = generate_images(pipe, specs, batch_size=len(specs))
+                for k, (spec, image) in zip(batch, images, strict=True):
+                    if k not in wanted:
+                        continue
+                    path = folder / class_image_name(k, spec.seed)
+                    text = image_parameters(spec, scheduler=scheduler, model=model_name)
+                    extra = {"loratk.class_prompt": prompt, "loratk.seed": str(spec.seed)}
+                    save_png(image, path, text, **extra)
+                    written.append(path)
+                    bar.update(1)
     finally:
         bar.close()
     return written

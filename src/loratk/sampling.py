@@ -668,6 +668,44 @@ def _first_reason(err: Exception) -> str:
     return mismatch or (lines[0] if lines else type(err).__name__)
 
 
+def load_lora_into_pipeline(pipe: Any, lora: LoraFile, adapter: str) -> None:
+    """What `pipe.load_lora_weights` does, with the text encoders' part loaded through PEFT directly.
+
+    diffusers converts the file (kohya or diffusers layout) and loads the UNet's part itself; its
+    text-encoder path goes through transformers' `load_adapter`, which refuses PEFT releases older than its
+    own minimum (transformers 5.24 asks for a PEFT that does not exist yet).
+    """
+    from loratk.adapters.lora import load_text_encoder_lora
+
+    state_dict, alphas = pipe.lora_state_dict(dict(lora.state_dict), unet_config=pipe.unet.config)
+    # A diffusers-layout file keeps each part's LoRA config (rank, alpha) in its metadata.
+    raw = lora.metadata.get("lora_adapter_metadata")
+    config = json.loads(raw) if raw else {}
+
+    def part(prefix: str) -> dict[str, Any] | None:
+        found = {k[len(prefix) + 1 :]: v for k, v in config.items() if k.startswith(prefix + ".")}
+        return found or None
+
+    if any(k.startswith("unet.") for k in state_dict):
+        pipe.load_lora_into_unet(
+            state_dict,
+            network_alphas=alphas,
+            unet=pipe.unet,
+            adapter_name=adapter,
+            metadata=config or None,  # diffusers takes its `unet.` share itself
+            _pipeline=pipe,
+        )
+    for name in ("text_encoder", "text_encoder_2"):
+        load_text_encoder_lora(
+            getattr(pipe, name),
+            state_dict,
+            prefix=name,
+            adapter_name=adapter,
+            network_alphas=alphas,
+            config=part(name),
+        )
+
+
 def apply_lora(pipe: Any, lora: LoraFile, adapter: str, model_name: str) -> None:
     """Load `lora` into the pipeline as `adapter`; refuse one whose modules don't all fit the base model.
 
@@ -678,7 +716,7 @@ def apply_lora(pipe: Any, lora: LoraFile, adapter: str, model_name: str) -> None
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # expected: >1 LoRA
-            pipe.load_lora_weights(dict(lora.state_dict), adapter_name=adapter)
+            load_lora_into_pipeline(pipe, lora, adapter)
     except Exception as err:  # noqa: BLE001 - diffusers/peft raise many types for a foreign file
         raise SampleError(
             f"{lora.path}: does not fit the base model {model_name}: 0 of {expected} LoRA modules could be "

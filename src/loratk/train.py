@@ -595,6 +595,7 @@ class TrainingRun:
         from loratk.models.sdxl import (
             DTYPES,
             apply_performance_options,
+            enable_text_encoder_checkpointing,
             freeze_and_cast,
             load_sdxl,
             offload_frozen_encoders,
@@ -661,7 +662,7 @@ class TrainingRun:
             self.model.unet.enable_gradient_checkpointing()
             for name, module in trainables.items():
                 if name != "unet":
-                    module.gradient_checkpointing_enable()
+                    enable_text_encoder_checkpointing(module)
         perf = recipe.performance
         apply_performance_options(
             self.model.unet,

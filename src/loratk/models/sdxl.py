@@ -136,6 +136,21 @@ def freeze_and_cast(
             module.to(dtype=dtype)
 
 
+def enable_text_encoder_checkpointing(encoder: Any) -> None:
+    """Activation checkpointing on a transformers text encoder, with gradients reaching its LoRA layers.
+
+    transformers turns on gradients of the embedding output (which reentrant checkpointing needs to reach
+    the LoRA layers behind frozen embeddings) only for adapters added through its own PEFT integration in
+    some releases; loratk injects through PEFT directly, so it asks for them itself.
+    """
+    # `activation_checkpointing_enable` is the newer name (transformers 5.24 warns on the old one).
+    enable = (
+        getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+    )
+    enable()
+    encoder.enable_input_require_grads()
+
+
 # ---------------------------------------------------------------- memory and speed ([performance])
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
