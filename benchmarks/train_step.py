@@ -45,25 +45,11 @@ from typing import Any
 
 import torch
 
-# SDXL 1.0 base UNet (stabilityai/stable-diffusion-xl-base-1.0/unet/config.json): 2,567,463,684 parameters.
-SDXL_UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),  # diffusers' name for the number of heads in SDXL's config
-    norm_num_groups=32,
-    cross_attention_dim=2048,  # CLIP-L 768 + CLIP-G 1280
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled CLIP-G 1280
-)
-SDXL_UNET_PARAMETERS = 2_567_463_684
+from loratk.models.base_configs import SDXL_BASE_UNET_CONFIG, SDXL_BASE_UNET_PARAMETERS
+
+# The full-size SDXL 1.0 base UNet, built from its config (random weights, nothing downloaded).
+SDXL_UNET_CONFIG = SDXL_BASE_UNET_CONFIG
+SDXL_UNET_PARAMETERS = SDXL_BASE_UNET_PARAMETERS
 
 # The recipe's defaults (`train.max_grad_norm`, `dreambooth.prior_loss_weight`).
 MAX_GRAD_NORM = 1.0
@@ -88,7 +74,7 @@ BF16_PEAK_TFLOPS = (
 @dataclass(frozen=True)
 class BenchConfig:
     key: str
-    what: str
+    label: str  # what it is; "{rank}" is filled in from `rank`, so the tiny version says r8, not r128
     method: str  # "lora" | "dreambooth" | "dreambooth-lora"
     width: int
     height: int
@@ -100,10 +86,14 @@ class BenchConfig:
     prior_preservation: bool = False
     fused_backward: bool = False  # optim.fused_backward: each weight steps inside backward
 
+    @property
+    def what(self) -> str:
+        return self.label.format(rank=self.rank)
+
 
 CONFIGS = (
-    BenchConfig("a", "seed recipe: LoRA r128 all-linear, Adafactor", "lora", 600, 400, 20),
-    BenchConfig("b", "LoRA r128 all-linear, Adafactor", "lora", 1024, 1024, 8),
+    BenchConfig("a", "seed recipe: LoRA r{rank} all-linear, Adafactor", "lora", 600, 400, 20),
+    BenchConfig("b", "LoRA r{rank} all-linear, Adafactor", "lora", 1024, 1024, 8),
     BenchConfig(
         "c",
         "full DreamBooth, Adafactor",
@@ -116,7 +106,7 @@ CONFIGS = (
     ),
     BenchConfig(
         "d",
-        "DreamBooth-LoRA r128, prior preservation 2+2",
+        "DreamBooth-LoRA r{rank}, prior preservation 2+2",
         "dreambooth-lora",
         1024,
         1024,
@@ -505,7 +495,7 @@ def run_config(
     """Train `warmup + steps` optimizer steps through `run_training`; time the last `steps`. With
     `profile_dir`, then profile `profile_steps_count` more steps (see `profile_steps`)."""
     device = accelerator.device
-    row: dict[str, Any] = {"config": config.key, **asdict(config)}
+    row: dict[str, Any] = {"config": config.key, "what": config.what, **asdict(config)}
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()

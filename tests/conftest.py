@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -32,10 +31,10 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def images_dir(tmp_path) -> Path:
-    """A copy of the bundled example images and captions that a test may change."""
-    target = tmp_path / "images"
-    shutil.copytree(EXAMPLES, target)
-    return target
+    """A copy of the bundled example images, with sidecar captions, that a test may change."""
+    from helpers import copy_examples
+
+    return copy_examples(tmp_path / "images")
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +30,18 @@ def make_recipe(
         else:
             raw[section] = values
     return validate_recipe(raw, source="test")
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "quickstart"
+QUICKSTART_CAPTIONS = REPO / "captions" / "quickstart.jsonl"
+
+
+def copy_examples(target: Path) -> Path:
+    """The quickstart images in `target`, each with a sidecar caption taken from captions/quickstart.jsonl
+    (the manifest the quickstart reads): the folder layout most tests train on."""
+    shutil.copytree(EXAMPLES, target)
+    for line in QUICKSTART_CAPTIONS.read_text().splitlines():
+        entry = json.loads(line)
+        (target / entry["file_name"]).with_suffix(".txt").write_text(entry["text"] + "\n")
+    return target

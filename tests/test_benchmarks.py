@@ -68,6 +68,8 @@ def test_tiny_smoke_runs_every_configuration_through_the_training_loop(bench, tm
     assert {k for k, r in rows.items() if r["fused_backward"]} == {"c"}
     # (d) does (b)'s UNet work per step: same size, rank and images (1 instance + 1 class), so FLOPs match.
     assert rows["d"]["tflop_per_step"] == rows["b"]["tflop_per_step"]
+    # The labels say the rank the tiny mode trains (8), not the full-size one.
+    assert "r8 " in rows["a"]["what"] and "r128" not in json.dumps(report["rows"])
 
 
 def test_configurations_are_the_issue_s(bench):

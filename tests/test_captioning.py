@@ -203,7 +203,8 @@ def test_both_copies_an_existing_caption_to_the_missing_side(folder, blip_dir, t
     manifest.parent.mkdir()
     manifest.write_text(json.dumps({"file_name": "pine.png", "text": "my pine"}) + "\n", encoding="utf-8")
     report = _caption(folder, blip_dir, tmp_path, output="both")
-    assert len(report.captioned) == 4 and len(report.skipped) == 2
+    assert len(report.captioned) == 4 and not report.skipped  # the two copies were written, not skipped
+    assert sorted(c.path.name for c in report.copied) == ["boat.png", "pine.png"]
     texts = {e["file_name"]: e["text"] for e in read_manifest(manifest)}
     assert len(texts) == 6 and texts["boat.png"] == "my boat" and texts["pine.png"] == "my pine"
     assert (folder / "pine.txt").read_text() == "my pine\n"
@@ -321,6 +322,11 @@ def test_cli_exit_codes_and_summary(folder, blip_dir, tmp_path, capsys, monkeypa
     out = capsys.readouterr().out
     assert "captioned 6" in out and "skipped 0" in out and "failed 0" in out
     assert (folder / "boat.txt").read_text().startswith("ukiyoe, ")
+
+    # `both` with every caption in the sidecars only: six manifest entries written, and said so.
+    assert cli.main([*argv, "--output", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "captioned 0" in out and "copied 6" in out and "skipped 0" in out
 
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     assert cli.main(argv) == 1

@@ -118,7 +118,34 @@ def test_model_loads_from_a_single_file_checkpoint(tiny_sdxl_dir, tmp_path):
     path = tmp_path / "base.safetensors"
     save_safetensors_atomic(build_sgm_checkpoint(base, dtype=torch.float32), path)
     model = load_sdxl(str(path), single_file_config=str(tiny_sdxl_dir))  # offline: configs from the folder
-    loaded, original = model.unet.state_dict(), base.unet.state_dict()
-    assert loaded.keys() == original.keys()
-    assert all(torch.equal(loaded[k], original[k]) for k in original)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):  # every part, with its own weights
+        loaded, original = getattr(model, part).state_dict(), getattr(base, part).state_dict()
+        assert loaded.keys() == original.keys(), part
+        assert all(torch.equal(loaded[k], original[k]) for k in original), part
     assert model.source == str(path) and model.noise_scheduler.config.num_train_timesteps == 1000
+
+
+def test_a_weight_a_loader_left_unloaded_is_an_error_that_names_it():
+    from loratk.models.sdxl import check_all_weights_loaded
+
+    with torch.device("meta"):
+        projection = torch.nn.Linear(4, 4, bias=False)
+    parts = {
+        "unet": torch.nn.Linear(2, 2),
+        "text_encoder_2": torch.nn.ModuleDict({"text_projection": projection}),
+    }
+    with pytest.raises(
+        ModelLoadError, match=r"1 weight\(s\) were not loaded: text_encoder_2.text_projection.weight"
+    ):
+        check_all_weights_loaded(parts, "ckpt.safetensors")
+    check_all_weights_loaded({"unet": torch.nn.Linear(2, 2)}, "ok")
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_a_pickle_checkpoint_is_refused_with_how_to_convert(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"not really a pickle")
+    with pytest.raises(
+        ModelLoadError, match="loads only .safetensors checkpoints.*can run any code.*from_single_file"
+    ):
+        load_sdxl(str(path))

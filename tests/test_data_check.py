@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_recipe
+from helpers import QUICKSTART_CAPTIONS, copy_examples, make_recipe
 from loratk.cli import main as cli_main
 from loratk.data.captions import Subset
 from loratk.data.check import DataSpec, compute_perceptual_hash, find_near_duplicates, run_preflight
@@ -35,7 +34,7 @@ BAD = {
 def make_mixed_folder(root: Path) -> Path:
     """The six example images (good), a near-duplicate of one, and one file for each kind of problem."""
     folder = root / "mixed"
-    shutil.copytree(EXAMPLES, folder)
+    copy_examples(folder)
     # A near-duplicate: the boat re-encoded as JPEG at another size (a good image too).
     Image.open(folder / "boat.png").convert("RGB").resize((150, 109)).save(
         folder / "boat-copy.jpg", quality=80
@@ -155,9 +154,38 @@ def test_check_a_recipe_with_overrides_and_usage_errors(tmp_path, capsys):
     assert info.value.code == 2
 
 
-def test_check_on_the_quickstart_images_is_clean(capsys):
-    assert cli_main(["check", str(EXAMPLES), "--resolution", "64", "--report", "/dev/null"]) == 0
-    assert "Result: no errors." in capsys.readouterr().out
+def test_check_on_the_quickstart_images_is_clean(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # captions/quickstart.jsonl is found where `loratk caption` writes it
+    assert cli_main(["check", "examples/quickstart", "--resolution", "64", "--report", "/dev/null"]) == 0
+    out = capsys.readouterr().out
+    assert "captions from captions/quickstart.jsonl" in out and "Result: no errors." in out
+
+
+def test_check_a_folder_at_sdxl_size_says_which_flag_fits_small_images(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert cli_main(["check", "examples/quickstart", "--report", "/dev/null", "--no-duplicates"]) == 1
+    out = capsys.readouterr().out
+    assert "176x128 is smaller than data.min_side = 256" in out
+    assert "Hint: with no --resolution, a folder is checked for training at 1024x1024" in out
+    assert "--resolution 512" in out and "loratk check recipes/NAME.toml" in out
+
+
+def test_check_a_folder_of_folders_looks_one_level_down_and_reports_under_runs(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    copy_examples(data / "styles")
+    copy_examples(data / "more")
+    (data / "notes").mkdir()  # a folder without images is not a subset
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["check", "data", "--resolution", "64", "--no-duplicates"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "data holds no images itself; checking the folders in it that do: data/more (6), data/styles (6)"
+        in out
+    )
+    assert "2 folder(s), 12 image(s)" in out and "Result: no errors." in out
+    # The CSV goes under runs/ (ignored by git in a checkout), not into the folder you run from.
+    assert "Report: runs/check/data.csv" in out and (tmp_path / "runs" / "check" / "data.csv").is_file()
+    assert not list(tmp_path.glob("*.csv"))
 
 
 def test_perceptual_hash_finds_resized_and_recompressed_copies(tmp_path):
@@ -175,7 +203,7 @@ def test_subsets_with_manifest_metadata_trigger_and_repeats(tmp_path):
     from loratk.train import build_dataset, check_data
 
     styles = tmp_path / "styles"
-    shutil.copytree(EXAMPLES, styles)
+    copy_examples(styles)
     for txt in styles.glob("*.txt"):
         txt.unlink()
     manifest = tmp_path / "captions" / "styles.jsonl"
@@ -213,7 +241,7 @@ def test_subsets_with_manifest_metadata_trigger_and_repeats(tmp_path):
 
 
 def test_preflight_spec_defaults_scale_with_the_resolution(tmp_path):
-    spec = DataSpec(subsets=(Subset(EXAMPLES),), resolution=(64, 64))
+    spec = DataSpec(subsets=(Subset(EXAMPLES, manifest=QUICKSTART_CAPTIONS),), resolution=(64, 64))
     assert spec.effective_min_side == 16
     report = run_preflight(spec)
     assert not report.has_errors and {r.bucket for r in report.images} == {(64, 64)}
@@ -223,13 +251,16 @@ def test_two_subsets_over_one_folder_get_their_own_reports(tmp_path):
     from loratk.train import build_dataset
 
     spec = DataSpec(
-        subsets=(Subset(EXAMPLES, trigger="ta"), Subset(EXAMPLES, trigger="tb", repeats=2)),
+        subsets=(
+            Subset(EXAMPLES, manifest=QUICKSTART_CAPTIONS, trigger="ta"),
+            Subset(EXAMPLES, manifest=QUICKSTART_CAPTIONS, trigger="tb", repeats=2),
+        ),
         resolution=(64, 64),
     )
     report = run_preflight(spec)
     assert len(report.images) == 12 and not report.has_errors
     assert {r.caption.split(",")[0] for r in report.images} == {"ta", "tb"}
-    recipe = make_recipe(tmp_path, "m", EXAMPLES)
+    recipe = make_recipe(tmp_path, "m", EXAMPLES, data={"manifest": str(QUICKSTART_CAPTIONS)})
     dataset = build_dataset(recipe, report)
     assert len(dataset) == 6 + 2 * 6  # repeats follow each subset, not each folder
     assert sum(r.caption.startswith("tb, ") for r in dataset.records) == 12

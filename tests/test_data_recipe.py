@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loratk.recipe import RecipeError, dump_recipe, load_recipe, validate_recipe
+from loratk.recipe import RecipeError, dump_recipe, load_recipe, recipe_diff, validate_recipe
 from loratk.train import build_data_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,10 +78,25 @@ def test_resolved_recipe_with_every_data_key_round_trips(tmp_path):
     )
     path = tmp_path / "recipe.resolved.toml"
     path.write_text(dump_recipe(recipe))
-    assert load_recipe(path) == recipe
+    # The same training (no difference a resume would refuse), and a fixed point of dumping.
+    assert recipe_diff(path.read_text(), load_recipe(path), ignore=()) == []
+    assert dump_recipe(load_recipe(path)) == path.read_text()
 
 
 @pytest.mark.parametrize("name", ["quickstart.toml", "ukiyoe.toml"])
 def test_shipped_recipes_use_buckets_and_caches(name):
     data = load_recipe(REPO / "recipes" / name).data
     assert data.buckets and data.cache_latents and data.cache_text_embeddings
+
+
+def test_the_quickstart_reads_its_captions_from_the_shipped_manifest(monkeypatch):
+    """captions/ holds the manifests people keep in git; the quickstart recipe reads its captions there."""
+    from loratk.recipe import load_recipe
+    from loratk.train import check_data
+
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe("recipes/quickstart.toml")
+    assert recipe.data.manifest == "captions/quickstart.jsonl"
+    report = check_data(recipe)
+    assert len(report.good) == 6 and {r.caption_source for r in report.images} == {"manifest"}
+    assert not list((REPO / "examples" / "quickstart").glob("*.txt"))  # one source of truth

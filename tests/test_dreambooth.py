@@ -156,8 +156,8 @@ def _inputs():
     return (
         torch.randn(1, 4, 8, 8),
         torch.tensor([400]),
-        torch.randn(1, 77, 64),
-        {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])},
+        torch.randn(1, 77, 80),
+        {"text_embeds": torch.randn(1, 48), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])},
     )
 
 

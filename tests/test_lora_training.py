@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -135,8 +137,8 @@ def test_exported_lora_reloads_in_diffusers_and_matches(
     torch.manual_seed(0)
     sample, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
     enc, pooled, time_ids = (
-        torch.randn(1, 77, 64),
-        torch.randn(1, 32),
+        torch.randn(1, 77, 80),
+        torch.randn(1, 48),
         torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
     )
     ids = pipe.tokenizer(["a red sun"], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -182,8 +184,8 @@ def test_diffusers_layout_export_keeps_its_config(tmp_path, tiny_sdxl_dir, image
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.load_lora_weights(str(folder))
     torch.manual_seed(0)
-    sample, enc = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
-    cond = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    sample, enc = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 80)
+    cond = {"text_embeds": torch.randn(1, 48), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     with torch.no_grad():
         a = pipe.unet(sample, torch.tensor([10]), enc, added_cond_kwargs=cond).sample
         b = run.model.unet(sample, torch.tensor([10]), enc, added_cond_kwargs=cond).sample
@@ -193,7 +195,7 @@ def test_diffusers_layout_export_keeps_its_config(tmp_path, tiny_sdxl_dir, image
 def test_metrics_and_resolved_recipe_are_written(tmp_path, tiny_sdxl_dir, images_dir):
     import json
 
-    from loratk.recipe import load_recipe
+    from loratk.recipe import dump_recipe, load_recipe, recipe_diff
 
     run = _run(
         tmp_path,
@@ -207,4 +209,33 @@ def test_metrics_and_resolved_recipe_are_written(tmp_path, tiny_sdxl_dir, images
     assert [r["step"] for r in lines] == list(range(1, 7))
     assert {"train/loss", "lr/unet", "perf/images_per_s", "epoch"} <= set(lines[0])
     assert lines[-1]["lr/unet"] < lines[0]["lr/unet"]  # the linear schedule decays
-    assert load_recipe(run.run_dir / "recipe.resolved.toml") == run.recipe
+    resolved = (run.run_dir / "recipe.resolved.toml").read_text()
+    assert (
+        recipe_diff(resolved, run.recipe, ignore=()) == []
+        and dump_recipe(load_recipe(run.run_dir / "recipe.resolved.toml")) == resolved
+    )
+
+
+@pytest.mark.parametrize("targets, modules", [("all-linear", 722), ("attention", 560)])
+def test_full_size_lora_sizes_in_readme_are_counted(targets, modules):
+    """README's size table, checked on the full-size SDXL 1.0 UNet built on the meta device."""
+    import re
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from loratk.adapters.lora import count_lora_parameters
+    from loratk.models.base_configs import SDXL_BASE_UNET_CONFIG
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL_BASE_UNET_CONFIG)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    column = 1 if targets == "all-linear" else 2
+    rows = {int(m[1]): m[0].split("|")[column + 1] for m in re.finditer(r"^\| (\d+) \|.*\|$", readme, re.M)}
+    assert set(rows) >= {8, 16, 32, 64, 128} and f"`{targets}` ({modules} modules)" in readme
+    for rank in (8, 16, 32, 64, 128):
+        count, params = count_lora_parameters(unet, targets, rank)
+        assert count == modules
+        weights, size = re.fullmatch(r" ([\d.]+) M weights, (\d+) MB ", rows[rank]).groups()
+        assert float(weights) == round(params / 1e6, 1) and int(size) == round(2 * params / 1e6)
+    assert count_lora_parameters(unet, "all-linear", 128)[1] == 340_459_520  # 681,230,116 bytes measured

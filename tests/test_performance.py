@@ -40,9 +40,9 @@ def _unet_inputs(batch_size: int = 2):
     return dict(
         sample=torch.randn(batch_size, 4, 8, 8, generator=g),
         timestep=torch.tensor([10, 500]),
-        encoder_hidden_states=torch.randn(batch_size, 77, 64, generator=g),
+        encoder_hidden_states=torch.randn(batch_size, 77, 80, generator=g),
         added_cond_kwargs={
-            "text_embeds": torch.randn(batch_size, 32, generator=g),
+            "text_embeds": torch.randn(batch_size, 48, generator=g),
             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch_size),
         },
     )

@@ -1,4 +1,4 @@
-"""The README quickstart, run the way a user runs it: `accelerate launch -m loratk.train ...`."""
+"""The README quickstart, run the way a user runs it: `loratk train recipes/quickstart.toml`."""
 
 from __future__ import annotations
 
@@ -14,23 +14,23 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _readme_command(name: str) -> list[str]:
+    """The README's command that mentions `name` (after `HF_HUB_OFFLINE=1`), as argv."""
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("HF_HUB_OFFLINE=1 ") and name in x)
+    return shlex.split(line)[1:]
+
+
 @pytest.mark.slow
-def test_quickstart_through_accelerate_launch(tmp_path):
-    accelerate = Path(sys.executable).with_name("accelerate")
+def test_quickstart_as_readme_says(tmp_path):
+    argv = _readme_command("recipes/quickstart.toml")
+    assert argv == ["loratk", "train", "recipes/quickstart.toml"]
+    loratk = str(Path(sys.executable).with_name("loratk"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [
-            str(accelerate),
-            "launch",
-            "--num_processes",
-            "1",
-            "--mixed_precision",
-            "no",
-            "-m",
-            "loratk.train",
-            "recipes/quickstart.toml",
-            f"output_dir={tmp_path}",
-        ],
+        [loratk, *argv[1:], f"output_dir={tmp_path}"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -6,6 +6,7 @@ import pytest
 
 from loratk.recipe import (
     RecipeError,
+    _flatten,
     apply_override,
     dump_recipe,
     load_recipe,
@@ -29,8 +30,9 @@ def problems(raw: dict) -> list[str]:
 def test_every_shipped_recipe_validates_and_starts_with_its_command(path):
     recipe = load_recipe(path)
     assert recipe.name
-    first_lines = path.read_text().splitlines()[:6]
-    assert any(f"loratk.train recipes/{path.name}" in line for line in first_lines)
+    first_lines = path.read_text().splitlines()[:7]
+    assert any(f"#   loratk train recipes/{path.name}" in line for line in first_lines)
+    assert any(f"-m loratk.train recipes/{path.name}" in line for line in first_lines)  # several GPUs
 
 
 def test_ukiyoe_recipe_is_the_seed_setup():
@@ -57,7 +59,25 @@ def test_ukiyoe_recipe_is_the_seed_setup():
         ({**MINIMAL, "optim": {"name": "adafactr"}}, "did you mean 'adafactor'?"),
         ({"name": "x"}, "data.dir: required for method 'lora'"),
         ({**MINIMAL, "trian": {}}, "trian: unknown key (did you mean 'train'?)"),
-        ({**MINIMAL, "train": {"epochs": "many"}}, "train.epochs: input should be a valid integer"),
+        ({**MINIMAL, "train": {"epochs": "many"}}, "train.epochs: expected a whole number, got 'many'"),
+        (
+            {**MINIMAL, "train": {"learning_rate": "1e-3"}},
+            "train.learning_rate: expected a number, got '1e-3' (a string); write it without quotes: 1e-3",
+        ),
+        (
+            {**MINIMAL, "lora": {"rank": 8.0}},
+            "lora.rank: expected a whole number, got 8.0 (a number); write 8",
+        ),
+        (
+            {**MINIMAL, "data": {"dir": "i", "buckets": "yes"}},
+            "data.buckets: expected true or false, got 'yes'",
+        ),
+        ({**MINIMAL, "optim": {"betas": [0.9]}}, "optim.betas: expected at least 2 values, got 1: [0.9]"),
+        ({**MINIMAL, "name": 3}, "name: expected a string in quotes, got 3"),
+        (
+            {**MINIMAL, "data": {"dir": "i", "resolution": "big"}},
+            "data.resolution: expected a whole number or a list such as [1, 2], got 'big'",
+        ),
         (
             {**MINIMAL, "data": {"dir": "i", "resolution": 601}},
             "data.resolution: each side must be a multiple of 8",
@@ -132,14 +152,63 @@ def test_resolved_recipe_round_trips(tmp_path):
     )
     path = tmp_path / "recipe.resolved.toml"
     path.write_text(dump_recipe(recipe))
-    assert load_recipe(path) == recipe
+    loaded = load_recipe(path)
+    assert dump_recipe(loaded) == path.read_text()  # a fixed point: loading changes nothing that trains
+    given = {k: v for k, v in _flatten(recipe.model_dump(mode="json")).items() if v is not None}
+    assert {k: v for k, v in _flatten(loaded.model_dump(mode="json")).items() if k in given} == given
     assert "learning_rate = 0.0001" in path.read_text()  # defaults are filled in
+
+
+def test_the_resolved_recipe_holds_every_derived_value(monkeypatch, tmp_path):
+    import tomllib
+
+    monkeypatch.setenv("LORATK_CACHE", str(tmp_path / "cache"))
+    recipe = validate_recipe(
+        {**MINIMAL, "data": {"dir": "i", "resolution": [600, 400]}, "lora": {"rank": 16}}
+    )
+    resolved = tomllib.loads(dump_recipe(recipe))
+    data = resolved["data"]
+    assert data["min_side"] == 100  # a quarter of the shorter side
+    assert (data["bucket_min_side"], data["bucket_max_side"]) == (192, 960)  # half and twice sqrt(600x400)
+    assert data["cache_dir"] == str(tmp_path / "cache" / "data")
+    assert resolved["sample"]["size"] == [600, 400]  # the training resolution
+    assert resolved["lora"]["alpha"] == 16.0 and resolved["lora"]["text_encoder_lr"] == 1e-05
+    given = validate_recipe({**MINIMAL, "data": {"dir": "i", "min_side": 50, "buckets": False}})
+    data = tomllib.loads(dump_recipe(given))["data"]
+    assert data["min_side"] == 50 and "bucket_min_side" not in data  # given values win; no buckets, no sides
 
 
 def test_recipes_are_frozen():
     recipe = validate_recipe(MINIMAL)
     with pytest.raises(Exception, match="frozen"):
         recipe.train.epochs = 3
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["R", "--overwrite", "train.epochs=1"],
+        ["--overwrite", "R", "train.epochs=1"],
+        ["R", "train.epochs=1", "--overwrite"],
+    ],
+)
+@pytest.mark.parametrize("entry", ["python -m loratk.train", "loratk train"])
+def test_options_and_overrides_go_in_any_order(argv, entry, tmp_path, monkeypatch):
+    """`loratk train RECIPE --overwrite train.epochs=1` and every other order, on both entry points."""
+    import loratk.train as train_module
+    from loratk.cli import main as cli_main
+
+    path = tmp_path / "r.toml"
+    path.write_text('name = "x"\n[data]\ndir = "imgs"\n')
+    seen = {}
+
+    def fake_train(recipe, *, overwrite, stop):
+        seen.update(epochs=recipe.train.epochs, overwrite=overwrite)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    args = [str(path) if a == "R" else a for a in argv]
+    code = main(args) if entry.startswith("python") else cli_main(["train", *args])
+    assert code == 0 and seen == {"epochs": 1, "overwrite": True}
 
 
 def test_train_cli_exits_2_with_every_error_and_no_traceback(tmp_path, capsys):

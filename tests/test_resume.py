@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_recipe
+from helpers import copy_examples, make_recipe
 from loratk.core.checkpoint import (
     MARKER,
     OutputWriteError,
@@ -106,11 +106,10 @@ def _trace(run_dir: Path) -> tuple[list[tuple], bytes, bytes]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_sdxl_dir):
     """The uninterrupted run every resumed run must equal, bit for bit."""
-    import shutil
 
     tmp = tmp_path_factory.mktemp("reference")
     images = tmp / "images"
-    shutil.copytree(REPO / "examples" / "quickstart", images)
+    copy_examples(images)
     recipe = _write_recipe(tmp, tiny_sdxl_dir, images, "run")
     proc = _drive(recipe)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -429,3 +428,193 @@ def test_sharded_engines_states_are_loaded_by_the_engine_without_the_model_file_
     else:
         with pytest.raises(StateError, match="model.safetensors"):
             manager.load(state_dir, [model])
+
+
+# ---------------------------------------------------------------- run folders, reruns and write failures
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_rerun(
+    tmp_path, tiny_sdxl_dir, images_dir
+):
+    from loratk.models.sdxl import ModelLoadError
+
+    broken = make_recipe(
+        tmp_path, tmp_path / "no-model", images_dir, name="rel", lora={"train_text_encoders": True}
+    )
+    with pytest.raises(ModelLoadError):
+        TrainingRun(broken).setup()
+    assert (broken.run_dir / "recipe.resolved.toml").is_file()  # it got that far, and no further
+    fixed = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name="rel")
+    run = TrainingRun(fixed)
+    run.setup()  # no "holds a run with a different recipe": nothing was trained there
+    try:
+        assert run.train().global_step == 3
+    finally:
+        run.cleanup()
+    again = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name="rel", lora={"rank": 8})
+    with pytest.raises(RunDirError, match="holds a run with a different recipe"):  # now there is a run
+        TrainingRun(again).setup()
+
+
+def test_moving_the_caches_is_not_a_different_recipe(tmp_path, tiny_sdxl_dir, images_dir):
+    first = make_recipe(
+        tmp_path, tiny_sdxl_dir, images_dir, name="c", data={"cache_dir": str(tmp_path / "a")}
+    )
+    run = TrainingRun(first)
+    run.setup()
+    run.train()
+    run.cleanup()
+    moved = make_recipe(
+        tmp_path,
+        tiny_sdxl_dir,
+        images_dir,
+        name="c",
+        data={"cache_dir": str(tmp_path / "b")},
+        train={"epochs": 2},
+    )
+    run = TrainingRun(moved)
+    run.setup()
+    try:
+        assert run.state.global_step == 3  # resumed
+        assert run.train().global_step == 6
+    finally:
+        run.cleanup()
+
+
+def test_rerunning_a_finished_run_says_so_without_loading_anything(
+    tmp_path, tiny_sdxl_dir, images_dir, monkeypatch, caplog
+):
+    import logging
+
+    import loratk.models.sdxl as sdxl
+
+    recipe = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name="done")
+    run = TrainingRun(recipe)
+    run.setup()
+    run.train()
+    run.cleanup()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded for a finished run")
+
+    monkeypatch.setattr(sdxl, "load_sdxl", no_loading)
+    monkeypatch.setattr("loratk.data.check.run_preflight", no_loading)  # nor any image decoded
+    caplog.set_level(logging.INFO, logger="loratk")
+    again = TrainingRun(recipe)
+    again.setup()
+    try:
+        assert again.train().global_step == 3
+    finally:
+        again.cleanup()
+    text = caplog.text
+    assert (
+        "nothing to train" in text and "finished all 1 epoch(s) at step 3" in text and "--overwrite" in text
+    )
+    assert "epoch 2" not in text  # it was a 1-epoch run: never "resuming ... epoch 2"
+
+
+def test_the_resume_hint_is_the_command_that_ran_quoted(monkeypatch):
+    import loratk.train as train
+
+    monkeypatch.setattr(train, "_parent_command", lambda: ["/bin/bash"])
+    assert train.rerun_command("loratk train", ["r.toml", "sample.prompts=[]"]) == (
+        "loratk train r.toml 'sample.prompts=[]'"
+    )
+    launched = [
+        "/v/bin/python3",
+        "/v/bin/accelerate",
+        "launch",
+        "--config_file",
+        "m.yaml",
+        "-m",
+        "loratk.train",
+    ]
+    monkeypatch.setattr(train, "_parent_command", lambda: [*launched, "r.toml", "train.epochs=3"])
+    assert train.rerun_command("python -m loratk.train", ["r.toml", "train.epochs=3"]) == (
+        "accelerate launch --config_file m.yaml -m loratk.train r.toml train.epochs=3"
+    )
+    torchrun = ["/v/bin/python3", "-m", "torch.distributed.run", "--nproc-per-node", "2", "t.py", "a b.toml"]
+    monkeypatch.setattr(train, "_parent_command", lambda: torchrun)
+    assert train.rerun_command("x", []) == "torchrun --nproc-per-node 2 t.py 'a b.toml'"
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "sysfs"])
+def test_an_output_folder_that_cannot_be_written_is_a_clear_error_before_anything_loads(
+    tmp_path, tiny_sdxl_dir, images_dir, monkeypatch, where
+):
+    import loratk.models.sdxl as sdxl
+
+    if where == "under-a-file":
+        (tmp_path / "afile").write_text("x")
+        output = tmp_path / "afile" / "runs"
+    else:
+        output = Path("/sys/fs/loratk-runs")
+        if os.access("/sys/fs", os.W_OK) and not os.path.ismount("/sys"):
+            pytest.skip("/sys is writable here")
+    monkeypatch.setattr(sdxl, "load_sdxl", lambda *a, **k: pytest.fail("the model was loaded"))
+    recipe = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name="ro", output_dir=str(output))
+    with pytest.raises(
+        RunDirError, match=r"ro: cannot write there \(.+\); set output_dir \(now .+\) to a folder"
+    ):
+        TrainingRun(recipe).setup()
+
+
+def test_stale_temporaries_of_killed_writes_are_removed_when_a_run_starts(
+    tmp_path, tiny_sdxl_dir, images_dir
+):
+    recipe = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, name="t", train={"epochs": 1})
+    run_dir = recipe.run_dir
+    stale = [
+        run_dir / ".epoch1.safetensors.2k5xfeae.tmp",
+        run_dir / ".epoch1_diffusers.ab12cd34",
+        run_dir / "state" / ".step-00000003.partial",
+        run_dir / "samples" / "epoch001" / ".01-seed1.png.qwertyui.tmp",
+    ]
+    kept = [run_dir / "notes.tmp", run_dir / ".my-own-file", run_dir / "samples" / "keep.png"]
+    for path in stale + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.name.endswith("_diffusers.ab12cd34"):
+            path.mkdir()  # a folder export's temporary folder
+            (path / "model_index.json").write_text("{}")
+        else:
+            path.write_bytes(b"")
+    run = TrainingRun(recipe)
+    run.setup()
+    run.cleanup()
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+
+
+def test_disk_full_during_a_state_save_is_a_clear_error_and_the_previous_state_stays(
+    tmp_path, tiny_sdxl_dir, images_dir
+):
+    recipe = _write_recipe(tmp_path, tiny_sdxl_dir, images_dir, "full", train={"epochs": 1})
+    code = textwrap.dedent(
+        f"""
+        import resource, signal
+        from loratk.core.checkpoint import OutputWriteError, TrainState
+        from loratk.recipe import load_recipe
+        from loratk.train import TrainingRun
+
+        run = TrainingRun(load_recipe({str(recipe)!r}))
+        run.setup()
+        run.train()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        try:
+            run.states.save(TrainState(global_step=99, epoch=2))
+        except OutputWriteError as err:
+            print("ERR", err)
+        run.cleanup()
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )  # fmt: skip
+    assert "ERR could not write" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "step-00000099" in proc.stdout and "free some disk space" in proc.stdout
+    assert "newest complete state" in proc.stdout and "step-00000003" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    state_dir = tmp_path / "runs" / "full" / "state"
+    assert sorted(p.name for p in state_dir.iterdir()) == ["step-00000002", "step-00000003"]  # no partial

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import make_recipe
+from helpers import copy_examples, make_recipe
 from loratk.cli import main as cli_main
 from loratk.models.sdxl import load_sdxl
 from loratk.prompts import PromptSpec
@@ -58,7 +57,7 @@ def tiny_model(tiny_sdxl_dir):
 def trained_run(tiny_sdxl_dir, tmp_path_factory):
     """A 2-epoch LoRA (UNet and both text encoders) trained in-process, with samples every epoch."""
     root = tmp_path_factory.mktemp("trained")
-    shutil.copytree(EXAMPLES, root / "images")
+    copy_examples(root / "images")
     recipe = make_recipe(
         root,
         tiny_sdxl_dir,
@@ -235,7 +234,7 @@ def test_training_writes_samples_grid_and_metadata(trained_run):
 
 def test_sampling_does_not_change_training(trained_run, tiny_sdxl_dir, tmp_path):
     """Same recipe without [sample]: bit-identical LoRA weights."""
-    shutil.copytree(EXAMPLES, tmp_path / "images")
+    copy_examples(tmp_path / "images")
     raw = trained_run.recipe.model_dump()
     recipe = make_recipe(
         tmp_path,
@@ -354,6 +353,21 @@ def test_cli_end_to_end_epochs_scales_and_base(trained_run, tmp_path, capsys):
     assert read_png_parameters(out / "01-seed1-base.png")["loras"] == []
 
 
+def test_cli_without_prompts_renders_the_runs_sample_prompts(trained_run, tmp_path, capsys):
+    """`loratk sample --lora epoch2.safetensors`: the [sample] prompts, seeds and steps of its run."""
+    run_dir, out = trained_run.run_dir, tmp_path / "out"
+    assert run_cli("--lora", str(run_dir / "epoch2.safetensors"), "--out", str(out)) == 0, (
+        capsys.readouterr().err
+    )
+    names = sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")
+    assert names == ["01-seed1-epoch2.png", "01-seed2-epoch2.png", "02-seed3-epoch2.png"]
+    params = read_png_parameters(out / "01-seed2-epoch2.png")
+    assert (params["prompt"], params["negative_prompt"], params["steps"]) == (SAMURAI, "blurry", 2)
+    # What the run rendered after epoch 2, from the live model; here from the fp16 file.
+    live = pixels(Image.open(run_dir / "samples" / "epoch002" / "01-seed2.png"))
+    assert np.abs(pixels(Image.open(out / "01-seed2-epoch2.png")) - live).mean() < 1.0
+
+
 def test_cli_lora_tags_match_the_lora_option(trained_run, tmp_path):
     run_dir = trained_run.run_dir
     common = ["--seed", "4", "--steps", "2", "--size", "64", "--model", str(trained_run.recipe.model.path)]
@@ -410,6 +424,26 @@ def test_cli_prompts_file_and_a_diffusers_folder_as_model(tiny_sdxl_dir, tmp_pat
     assert read_png_parameters(out / "01-seed11-base.png")["Sampler"] == "DPM++ 2M"
 
 
+def test_cli_a_single_file_checkpoint_with_the_builtin_configs_as_model(tiny_sdxl_dir, tmp_path):
+    """What a DreamBooth quickstart user tries first: its single-file checkpoint, configs from the builtin."""
+    from loratk.core.checkpoint import save_safetensors_atomic
+    from loratk.export.single_file import build_sgm_checkpoint
+
+    checkpoint = tmp_path / "quickstart_dreambooth.safetensors"
+    save_safetensors_atomic(
+        build_sgm_checkpoint(load_sdxl("builtin:tiny-sdxl"), dtype=torch.float16), checkpoint
+    )
+    out, common = tmp_path / "out", ["--prompt", "a red sun", "--steps", "2", "--size", "64", "--seed", "3"]
+    assert (
+        run_cli("--model", str(checkpoint), "--model-config", "builtin:tiny-sdxl", *common, "--out", str(out))
+        == 0
+    )
+    assert run_cli("--model", "builtin:tiny-sdxl", *common, "--out", str(tmp_path / "ref")) == 0
+    from_file = pixels(Image.open(out / "01-seed3-base.png"))
+    reference = pixels(Image.open(tmp_path / "ref" / "01-seed3-base.png"))
+    assert np.abs(from_file - reference).max() <= 8  # the same model, stored in fp16
+
+
 def _bad_lora_files(trained_run: TrainingRun, folder: Path) -> dict[str, Path]:
     good = trained_run.run_dir / "epoch1.safetensors"
     data = good.read_bytes()
@@ -420,6 +454,7 @@ def _bad_lora_files(trained_run: TrainingRun, folder: Path) -> dict[str, Path]:
         "no lora keys": folder / "full.safetensors",
         "renamed keys": folder / "renamed.safetensors",
         "wrong shapes": folder / "shapes.safetensors",
+        "nan weights": folder / "nan.safetensors",
     }
     files["truncated"].write_bytes(data[: len(data) // 2])
     files["not safetensors"].write_bytes(b"\x80\x04pickle")
@@ -436,6 +471,13 @@ def _bad_lora_files(trained_run: TrainingRun, folder: Path) -> dict[str, Path]:
     }
     save_file(
         wrong, str(files["wrong shapes"]), metadata={"loratk.base_model": trained_run.recipe.model.path}
+    )
+    broken = dict(tensors)
+    key = sorted(k for k in broken if k.endswith("lora_up.weight"))[3]
+    broken[key] = broken[key].clone()
+    broken[key][0, 0] = float("nan")
+    save_file(
+        broken, str(files["nan weights"]), metadata={"loratk.base_model": trained_run.recipe.model.path}
     )
     return files
 
@@ -456,6 +498,7 @@ def _bad_lora_files(trained_run: TrainingRun, folder: Path) -> dict[str, Path]:
             "wrong shapes",
             r"shapes.safetensors: does not fit the base model .*: 0 of \d+ LoRA modules .*size mismatch",
         ),
+        ("nan weights", r"nan\.safetensors: tensor lora_\w+\.lora_up\.weight holds NaN/inf values"),
     ],
 )
 def test_cli_bad_lora_files_exit_2_naming_the_file(trained_run, tmp_path, capsys, case, message):
@@ -494,7 +537,7 @@ def test_cli_other_bad_input_exits_2(trained_run, tmp_path, capsys):
             ["--lora", epoch1, "--prompt", "a cat", "--model", str(tmp_path / "nowhere")],
             "could not load the SDXL model",
         ),
-        (["--lora", epoch1], "no prompts"),
+        (["--lora", str(no_meta)], "no prompts; give --prompt or --prompts-file ("),  # no run recorded
     ]
     for args, message in cases:
         assert run_cli(*args, "--out", str(tmp_path / "out")) == 2, args

@@ -57,6 +57,7 @@ class Skipped:
 class CaptionReport:
     folder: Path
     captioned: list[Captioned] = field(default_factory=list)
+    copied: list[Captioned] = field(default_factory=list)  # written from its caption on the other side
     skipped: list[Skipped] = field(default_factory=list)  # already had a caption
     failed: list[Skipped] = field(default_factory=list)  # unreadable image, caption-file clash ...
     manifest: Path | None = None
@@ -230,14 +231,8 @@ def plan_captions(
             except CaptionError as err:
                 plan.failed.append(Skipped(image, f"{err.reason}; {err.fix}"))
                 continue
-            plan.skipped.append(
-                Skipped(image, f"already has {sidecar_path(image).name}; copied to the manifest")
-            )
         elif output == "both" and in_manifest:
             plan.copy_to_sidecar[image] = manifest[name]
-            plan.skipped.append(
-                Skipped(image, f"already in the manifest; copied to {sidecar_path(image).name}")
-            )
         else:
             plan.todo.append(image)
     return plan
@@ -436,8 +431,10 @@ def caption_images(
     report = CaptionReport(folder, skipped=plan.skipped, failed=plan.failed, manifest=manifest)
     for image, text in plan.copy_to_sidecar.items():
         atomic_write_text(sidecar_path(image), text + "\n")
+        report.copied.append(Captioned(image, text))
     if manifest and plan.copy_to_manifest:
         update_manifest(manifest, plan.copy_to_manifest, overwrite=False)
+        report.copied += [Captioned(folder / name, text) for name, text in plan.copy_to_manifest.items()]
     if not plan.todo:
         return report
 

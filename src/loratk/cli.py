@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from loratk import __version__
 
 CAPTION_MODEL = "Salesforce/blip-image-captioning-large"  # = loratk.captioning.DEFAULT_MODEL (a test checks)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from loratk.train import main as train_main
-
-    return train_main([args.recipe, *args.overrides])
+CAPTION_MANIFESTS = Path("captions")  # = `loratk caption --manifest-dir` default
 
 
 def _cmd_caption(args: argparse.Namespace) -> int:
@@ -65,9 +62,14 @@ def _print_caption_summary(report) -> None:
     for failure in report.failed:
         print(f"failed: {failure.path}: {failure.reason}", file=sys.stderr)
     rate = f" ({report.images_per_second:.1f} images/s)" if report.captioned else ""
+    copied = (
+        f", copied {len(report.copied)} (a caption from one side written to the other)"
+        if report.copied
+        else ""
+    )
     print(
-        f"captioned {len(report.captioned)}{rate}, skipped {len(report.skipped)} (already had a caption), "
-        f"failed {len(report.failed)}"
+        f"captioned {len(report.captioned)}{rate}{copied}, skipped {len(report.skipped)} (already had a "
+        f"caption), failed {len(report.failed)}"
     )
     if report.manifest is not None:
         print(f"manifest: {report.manifest}")
@@ -114,7 +116,9 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=0, help="seed for --top-p sampling, per image (default: %(default)s)"
     )
     caption.add_argument(
-        "--manifest-dir", default="captions", help="where the manifest goes (default: %(default)s)"
+        "--manifest-dir",
+        default=str(CAPTION_MANIFESTS),
+        help="where the manifest goes (default: %(default)s)",
     )
     caption.set_defaults(handler=_cmd_caption)
 
@@ -187,7 +191,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             scales=[s for group in args.scale for s in group] if args.scale else [1.0],
             compare_base=args.compare_base,
-            negative_prompt=args.negative or "",
+            negative_prompt=args.negative,
             out_dir=args.out,
             grid_path=args.grid,
             device=args.device,
@@ -211,9 +215,58 @@ _FOLDER_OPTIONS = (
 )
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    from pathlib import Path
+FOLDER_REPORTS = Path("runs") / "check"  # a folder's CSV report: runs/check/<folder>.csv (git ignores runs/)
 
+
+def _folder_spec(target: Path, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The preflight spec of `loratk check FOLDER`, with the recipe's defaults for what is not given.
+
+    A folder that holds only folders is checked one level down (each subfolder with images a subset), and a
+    folder's caption manifest is found where `loratk caption` writes it (captions/<folder>.jsonl)."""
+    from loratk.data.captions import Subset
+    from loratk.data.check import DataSpec
+    from loratk.data.images import list_image_files
+    from loratk.recipe import DataConfig
+
+    defaults = {name: field.default for name, field in DataConfig.model_fields.items()}
+    notes = []
+    folders = [target]
+    if not list_image_files(target):
+        below = [d for d in sorted(target.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        below = [d for d in below if list_image_files(d)]
+        if below:
+            folders = below
+            names = ", ".join(f"{d} ({len(list_image_files(d))})" for d in below)
+            notes.append(f"{target} holds no images itself; checking the folders in it that do: {names}")
+    subsets = []
+    for folder in folders:
+        manifest = (
+            Path(args.manifest) if args.manifest else CAPTION_MANIFESTS / f"{folder.resolve().name}.jsonl"
+        )
+        found = args.manifest is not None or manifest.is_file()
+        if found and not args.manifest:
+            notes.append(f"{folder}: captions from {manifest} (found where `loratk caption` writes them)")
+        subsets.append(
+            Subset(
+                dir=folder,
+                caption_source="manifest" if args.manifest else defaults["caption_source"],
+                manifest=manifest if found else None,
+                caption_ext=args.caption_ext or defaults["caption_ext"],
+                trigger=args.trigger,
+            )
+        )
+    resolution = defaults["resolution"]
+    spec = DataSpec(
+        subsets=tuple(subsets),
+        resolution=args.resolution or (resolution, resolution),
+        buckets=not args.no_buckets,
+        bucket_step=args.bucket_step or defaults["bucket_step"],
+        min_side=args.min_side,
+    )
+    return spec, notes
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
     target = Path(args.path)
     if target.is_file() and target.suffix == ".toml":
         given = [
@@ -244,24 +297,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        from loratk.data.captions import Subset
-        from loratk.data.check import DataSpec
-
-        subset = Subset(
-            dir=target,
-            caption_source="manifest" if args.manifest else "auto",
-            manifest=Path(args.manifest) if args.manifest else None,
-            caption_ext=args.caption_ext or ".txt",
-            trigger=args.trigger,
-        )
-        spec = DataSpec(
-            subsets=(subset,),
-            resolution=args.resolution or (1024, 1024),
-            buckets=not args.no_buckets,
-            bucket_step=args.bucket_step or 64,
-            min_side=args.min_side,
-        )
-        default_csv = Path(f"{target.resolve().name}-check.csv")
+        spec, notes = _folder_spec(target, args)
+        for note in notes:
+            print(note)
+        default_csv = FOLDER_REPORTS / f"{target.resolve().name}.csv"
     else:
         print(f"error: {target}: no such folder or .toml recipe", file=sys.stderr)
         return 2
@@ -280,11 +319,27 @@ def _cmd_check(args: argparse.Namespace) -> int:
     csv_path = Path(args.report) if args.report else default_csv
     write_report_csv(report.images, csv_path)
     print(format_summary(report, csv_path=csv_path, quarantined=bool(moved)))
+    too_small = any(p.kind == "too_small" for image in report.bad for p in image.problems)
+    if target.is_dir() and too_small and not (args.resolution or args.min_side):
+        side = spec.resolution[0]
+        print(
+            f"Hint: with no --resolution, a folder is checked for training at {side}x{side} (SDXL's size), "
+            f"where images under {spec.effective_min_side} px are too small. For a smaller training size pass "
+            "it, e.g. --resolution 512 (or --min-side PX), or check the recipe you train with: "
+            "loratk check recipes/NAME.toml"
+        )
     remaining = len(report.problems) + sum(1 for r in report.bad if not r.moved_to)
     if moved:
         print(f"Quarantine: moved {len(moved)} file(s) to {args.quarantine} (nothing was deleted).")
         print(f"Remaining errors after the move: {remaining}.")
     return 1 if remaining else 0
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,10 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loratk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train an adapter from a TOML recipe (single process)")
-    train.add_argument("recipe", help="path to a TOML recipe (see recipes/)")
-    train.add_argument("overrides", nargs="*", help="recipe overrides: section.key=value")
-    train.set_defaults(handler=_cmd_train)
+    sub.add_parser(
+        "train",
+        help="train an adapter from a TOML recipe in this process (`loratk train RECIPE --help` for options)",
+        add_help=False,
+    )
 
     _add_caption_parser(sub)
     sample = sub.add_parser(
@@ -315,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--prompt",
         action="append",
-        help="prompt (repeatable); kohya options (--n, --w, --h, --d, --s, --l) and <lora:name:w> tags work",
+        help="prompt (repeatable); kohya options (--n, --w, --h, --d, --s, --l) and <lora:name:w> tags work. "
+        "Without --prompt and --prompts-file: the [sample] prompts of the first --lora's run",
     )
     sample.add_argument(
         "--prompts-file", action="append", metavar="FILE", help="kohya prompt file, one per line"
@@ -324,10 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--negative", metavar="TEXT", help="default negative prompt (a prompt's --n replaces it)"
     )
     sample.add_argument(
-        "--seed", type=int, nargs="+", default=[0], help="seeds: one image per prompt and seed"
+        "--seed",
+        type=int,
+        nargs="+",
+        help="seeds: one image per prompt and seed (default 0; without --prompt, the run's seeds)",
     )
-    sample.add_argument("--steps", type=_positive_int, default=30, help="denoising steps (default 30)")
-    sample.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default 7)")
+    sample.add_argument(
+        "--steps", type=_positive_int, help="denoising steps (default 30; without --prompt, the run's)"
+    )
+    sample.add_argument("--cfg", type=float, help="CFG scale (default 7; without --prompt, the run's)")
     sample.add_argument(
         "--size", type=_size, metavar="WxH", help="image size; default: the LoRA's training resolution"
     )
@@ -377,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--report",
         metavar="CSV",
-        help="per-image CSV (default: <run dir>/check.csv for a recipe, ./<folder>-check.csv for a folder)",
+        help="per-image CSV (default: <run dir>/check.csv for a recipe, runs/check/<folder>.csv for a folder)",
     )
     check.add_argument(
         "--quarantine", metavar="DIR", help="move bad images (and their captions) into DIR; never deletes"
@@ -409,8 +471,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its own parser: the same options as `python -m loratk.train`
+        from loratk.train import main as train_main
+
+        return train_main(argv[1:], prog="loratk train")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    commands = {name: sub for name, sub in _subparsers(parser).items() if name != "train"}
+    if argv[:1] and argv[0] in commands:
+        # Options and positionals (a recipe's overrides) in any order: `check r.toml --report x a.b=1`.
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

@@ -6,7 +6,9 @@ Nothing changes a recipe after loading; derived numbers live in `plan.py`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import json
 import sys
 import typing
 from pathlib import Path
@@ -194,8 +196,15 @@ class LoraConfig(_Section):
     targets: Literal["all-linear", "attention"] | list[str] = Field(
         "all-linear", description="'all-linear', 'attention' or a list of UNet module-name suffixes"
     )
+    init: Literal["kaiming", "gaussian"] = Field(
+        "kaiming",
+        description="down-projection init: 'kaiming' (kohya's and PEFT's, so kohya learning rates carry over) "
+        "or 'gaussian' (std 1/rank, the diffusers examples')",
+    )
     train_text_encoders: bool = False
-    text_encoder_lr: float | None = Field(None, gt=0, description="default: train.learning_rate")
+    text_encoder_lr: float | None = Field(
+        None, gt=0, description="default: train.learning_rate / 10 (text encoders overfit fast)"
+    )
 
     @field_validator("targets")
     @classmethod
@@ -285,6 +294,15 @@ class OptimConfig(_Section):
         description="step each weight as soon as its gradient is ready (full gradients never held); "
         "train.max_grad_norm then clips each weight's gradient on its own",
     )
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> OptimConfig:
+        if self.warmup_steps and self.scheduler == "constant":
+            raise ValueError(
+                f"warmup_steps = {self.warmup_steps} has no effect with scheduler = 'constant' (the learning "
+                "rate is full from step 0); use scheduler = 'constant_with_warmup' (or warmup_steps = 0)"
+            )
+        return self
 
 
 # ---- [performance]: memory and speed. None of these changes what is trained, only how fast and in how much
@@ -422,6 +440,15 @@ class Recipe(_Section):
         return Path(self.output_dir) / self.name
 
     @property
+    def text_encoder_lr(self) -> float:
+        """The text encoders' learning rate: as given, else a tenth of the UNet's for LoRA (kohya users set
+        it about 10x lower; CLIP overfits fast) and the UNet's for full fine-tuning (diffusers' DreamBooth)."""
+        given = self.full.text_encoder_lr if self.method == "dreambooth" else self.lora.text_encoder_lr
+        if given is not None:
+            return given
+        return self.train.learning_rate if self.method == "dreambooth" else self.train.learning_rate / 10
+
+    @property
     def sample_size(self) -> tuple[int, int]:
         """(width, height) of samples: `sample.size`, else the training resolution."""
         return _as_size(self.sample.size if self.sample.size is not None else self.data.resolution)
@@ -465,11 +492,25 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate strictly: a value of the wrong type (`"1e-3"`, `8.0` for a rank) is an error, not converted.
+
+    Through JSON, so TOML arrays are accepted where the schema has a tuple (`betas = [0.9, 0.999]`).
+    """
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate_json(json.dumps(raw, default=str), strict=True)
     except ValidationError as err:
         problems: dict[str, str] = {}
-        for e in err.errors():
+        errors = err.errors()
+        # A union field (`resolution`: a number or [w, h]) fails once per member: say what each accepts.
+        expected: dict[str, list[str]] = {}
+        for e in errors:
+            if e["type"] in _EXPECTED_TYPES:
+                expected.setdefault(_path(e), []).append(_EXPECTED_TYPES[e["type"]])
+        for e in errors:
+            if e["type"] in _EXPECTED_TYPES:
+                path = _path(e)
+                problems.setdefault(path, _describe_type(path, expected[path], e.get("input")))
+                continue
             # The cross-section checks report several lines at once, each with its own path.
             for line in _describe(e).split("\n"):
                 # A union field (e.g. `targets`) fails once per member; one line per key is enough.
@@ -501,11 +542,55 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[leaf] = parse_override_value(value.strip())
 
 
+def resolved_values(recipe: Recipe) -> dict[str, Any]:
+    """What the recipe leaves unset and loratk derives from other keys, by dotted key.
+
+    Values that depend on the model or the data (the prediction type, steps per epoch) are in `plan.py` and
+    the run's log instead.
+    """
+    from loratk.data.buckets import default_bucket_sides
+    from loratk.files import default_data_cache_dir
+
+    data, width_height = recipe.data, recipe.data.size
+    values: dict[str, Any] = {
+        "data.min_side": max(1, min(width_height) // 4),
+        "data.cache_dir": str(default_data_cache_dir()),
+        "sample.size": list(recipe.sample_size),
+        "lora.alpha": recipe.lora.scale_alpha,
+        ("full" if recipe.method == "dreambooth" else "lora") + ".text_encoder_lr": recipe.text_encoder_lr,
+    }
+    if data.buckets:
+        low, high = default_bucket_sides(width_height[0] * width_height[1], data.bucket_step)
+        values.update({"data.bucket_min_side": low, "data.bucket_max_side": high})
+    if recipe.dreambooth is not None:
+        values["dreambooth.class_dir"] = str(recipe.run_dir / "class_images")
+    return values
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    """The recipe with every default filled in, as TOML (what `recipe.resolved.toml` holds)."""
+    """The recipe with every default and derived value filled in, as TOML (`recipe.resolved.toml`).
+
+    Loading it gives a recipe that trains exactly the same; dumping that again gives the same text.
+    """
     import tomli_w
 
-    return tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True))
+    raw = recipe.model_dump(mode="json")  # every key, in the schema's order; unset ones are None
+    for key, value in resolved_values(recipe).items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        if node.get(leaf) is None:  # a value the recipe gives is kept
+            node[leaf] = value
+    return tomli_w.dumps(_without_none(raw))
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------- comparing recipes
@@ -522,6 +607,7 @@ RESUMABLE_CHANGES = (
     "train.log_every_n_steps",
     "train.report_to",
     "data.num_workers",
+    "data.cache_dir",  # where the caches live, not what they hold (entries are keyed by content)
     "train.gradient_checkpointing",  # recomputes the same activations
     "performance.",  # speed and memory only (an OOM'd run can resume with other settings)
     "export.",
@@ -541,7 +627,10 @@ def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def recipe_diff(old_toml: str, new: Recipe, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
     """Lines `key: old -> new` for every setting that differs, except the `ignore`d prefixes."""
-    old = _flatten(tomllib.loads(old_toml))
+    raw = tomllib.loads(old_toml)
+    with contextlib.suppress(RecipeError):  # by this or an older loratk: fill in what it left unset as now
+        raw = tomllib.loads(dump_recipe(validate_recipe(raw)))
+    old = _flatten(raw)
     cur = _flatten(tomllib.loads(dump_recipe(new)))
     lines = []
     for key in sorted(set(old) | set(cur)):
@@ -575,21 +664,69 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(choices)}"
 
 
-def _describe(error: dict[str, Any]) -> str:
+# What a value of each kind of field looks like in TOML (strict validation: no silent conversions).
+_EXPECTED_TYPES = {
+    "int_type": "a whole number",
+    "float_type": "a number",
+    "string_type": "a string in quotes",
+    "bool_type": "true or false",
+    "tuple_type": "a list such as [1, 2]",
+    "list_type": "a list such as [1, 2]",
+    "model_type": "a section",
+    "dict_type": "a section",
+}
+_TOML_KIND = {str: "a string", bool: "a boolean", int: "a whole number", float: "a number", list: "a list"}
+
+
+def _clean_loc(error: dict[str, Any]) -> tuple[Any, ...]:
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged"))))
     # pydantic adds union-member names (e.g. 'int', 'tuple[int,int]') to the location; drop them.
-    loc = tuple(
-        p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"int", "float", "str", "list"}))
+    return tuple(
+        p
+        for p in loc
+        if not (isinstance(p, str) and ("[" in p or p in {"int", "float", "str", "list", "bool"}))
     )
-    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+
+
+def _path(error: dict[str, Any], loc: tuple[Any, ...] | None = None) -> str:
+    loc = _clean_loc(error) if loc is None else loc
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
+
+
+def _describe_type(path: str, expected: list[str], given: Any) -> str:
+    """`train.learning_rate: expected a number, got '1e-3' (a string); write it without quotes: 1e-3`."""
+    wanted = " or ".join(dict.fromkeys(expected))
+    kind = next((name for t, name in _TOML_KIND.items() if type(given) is t), type(given).__name__)
+    line = f"{path}: expected {wanted}, got {given!r} ({kind})"
+    if isinstance(given, str):
+        try:
+            parsed = tomllib.loads(f"v = {given}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = None
+        if parsed is not None and not isinstance(parsed, str):
+            line += f"; write it without quotes: {given}"
+    elif isinstance(given, float) and given.is_integer() and "a whole number" in expected:
+        line += f"; write {int(given)}"
+    return line
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = _clean_loc(error)
+    path = _path(error, loc)
     kind = error["type"]
     ctx = error.get("ctx", {})
     given = error.get("input")
     if kind == "extra_forbidden":
         allowed = _fields_at(loc[:-1])
         return f"{path}: unknown key ({_suggest(str(loc[-1]), allowed)})"
+    if kind == "missing" and loc and isinstance(loc[-1], int):  # a list too short for a fixed-size field
+        return (
+            f"{_path(error, loc[:-1])}: expected at least {loc[-1] + 1} values, got {len(given)}: {given!r}"
+        )
     if kind == "missing":
         return f"{path}: required key is missing; add it to the recipe"
+    if kind == "too_long":
+        return f"{path}: too many values: {error['msg'].lower()}"
     if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[
             kind

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -615,6 +616,21 @@ class LoraFile:
         m = re.fullmatch(r"(\d+)x(\d+)", self.metadata.get("modelspec.resolution", ""))
         return (int(m[1]), int(m[2])) if m else None
 
+    def run_sample_settings(self) -> dict[str, Any] | None:
+        """The `[sample]` section of the run that wrote this file (loratk files carry their recipe)."""
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+
+        text = self.metadata.get("loratk.recipe")
+        if not text:
+            return None
+        try:
+            return tomllib.loads(text).get("sample") or None
+        except tomllib.TOMLDecodeError:
+            return None
+
 
 def load_lora_file(path: str | os.PathLike) -> LoraFile:
     """Read a LoRA safetensors file (or a diffusers-layout folder), with errors that name the file.
@@ -647,6 +663,13 @@ def load_lora_file(path: str | os.PathLike) -> LoraFile:
         raise SampleError(
             f"{path}: holds no LoRA weights (no lora_down / lora_A keys among {len(tensors)} tensors); "
             "a full checkpoint goes in --model"
+        )
+    broken = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise SampleError(
+            f"{path}: tensor {broken[0]}{more} holds NaN/inf values: the adapter is broken (did its training "
+            "diverge? check train/loss in metrics.jsonl) and would render black images; use an earlier epoch"
         )
     return LoraFile(path, metadata, tensors)
 
@@ -855,6 +878,27 @@ def _base_model_of(files: Sequence[LoraFile]) -> LoraFile:
     )
 
 
+DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_GUIDANCE = (0,), 30, 7.0  # `loratk sample` without a run's settings
+
+
+def _prompts_of_run(files: Sequence[LoraFile]) -> tuple[list[PromptSpec], dict[str, Any]]:
+    """The `[sample]` prompts of the first file's run (`prompts`, or its `prompts_file` if still there)."""
+    from loratk.prompts import load_prompts_file, parse_prompt_line
+
+    settings = files[0].run_sample_settings() if files else None
+    if not settings:
+        return [], {}
+    if settings.get("prompts_file"):
+        path = Path(settings["prompts_file"])
+        if not path.is_file():
+            raise SampleError(
+                f"{files[0].path}: its run read its prompts from {path}, which is not there from here; "
+                "give --prompt or --prompts-file"
+            )
+        return load_prompts_file(path, allow_lora_tags=False), settings
+    return [parse_prompt_line(line) for line in settings.get("prompts", [])], settings
+
+
 def run_sample(
     *,
     prompts: Sequence[PromptSpec],
@@ -862,14 +906,14 @@ def run_sample(
     model: str | None = None,
     model_config: str | None = None,
     lora_dir: str | os.PathLike | None = None,
-    seeds: Sequence[int] = (0,),
-    steps: int = 30,
-    guidance: float = 7.0,
+    seeds: Sequence[int] | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
     size: tuple[int, int] | None = None,
     scheduler: str = DEFAULT_SCHEDULER,
     scales: Sequence[float] = (1.0,),
     compare_base: bool = False,
-    negative_prompt: str = "",
+    negative_prompt: str | None = None,
     out_dir: str | os.PathLike = "samples",
     grid_path: str | os.PathLike | None = None,
     device: str | None = None,
@@ -887,9 +931,27 @@ def run_sample(
 
     if scheduler not in SCHEDULERS:
         raise SampleError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if not prompts:
-        raise SampleError("no prompts; give --prompt or --prompts-file")
     files = [load_lora_file(p) for p in loras]
+    if not prompts:
+        # No prompt given: the [sample] prompts (and seeds, steps, CFG, negative) of the run that trained
+        # the first LoRA, as its epoch samples were rendered.
+        run_prompts, settings = _prompts_of_run(files)
+        if not run_prompts:
+            raise SampleError(
+                "no prompts; give --prompt or --prompts-file"
+                + (f" ({files[0].path} records no [sample] prompts of its run)" if files else "")
+            )
+        prompts = run_prompts
+        seeds = seeds if seeds is not None else settings.get("seeds", DEFAULT_SEEDS)
+        steps = steps if steps is not None else settings.get("steps", DEFAULT_STEPS)
+        guidance = guidance if guidance is not None else settings.get("guidance", DEFAULT_GUIDANCE)
+        negative_prompt = (
+            negative_prompt if negative_prompt is not None else settings.get("negative_prompt", "")
+        )
+    seeds = seeds if seeds is not None else DEFAULT_SEEDS
+    steps = steps if steps is not None else DEFAULT_STEPS
+    guidance = guidance if guidance is not None else DEFAULT_GUIDANCE
+    negative_prompt = negative_prompt or ""
     folder = Path(lora_dir) if lora_dir is not None else (files[0].path.parent if files else Path.cwd())
     tag_files = resolve_lora_tags(prompts, folder, {f.name: f for f in files})
     every = files + [f for f in tag_files.values() if all(f is not g for g in files)]

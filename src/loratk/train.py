@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -18,11 +17,11 @@ from loratk.core.engine import describe_engine
 from loratk.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser(prog: str = "python -m loratk.train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loratk.train",
-        description="Train an SDXL adapter from a TOML recipe.",
-        epilog="example: accelerate launch -m loratk.train recipes/ukiyoe.toml train.epochs=3 lora.rank=64",
+        prog=prog,
+        description="Train an SDXL adapter from a TOML recipe. Options and overrides go in any order.",
+        epilog="example: loratk train recipes/ukiyoe.toml train.epochs=3 lora.rank=64 --overwrite",
     )
     parser.add_argument("recipe", help="path to a TOML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides: section.key=value (TOML values)")
@@ -38,7 +37,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="start again: delete this run's states, metrics and adapter files",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None, prog: str = "python -m loratk.train") -> argparse.Namespace:
+    """Options and `section.key=value` overrides in any order (`RECIPE --overwrite train.epochs=1`)."""
+    return build_parser(prog).parse_intermixed_args(argv)
+
+
+LAUNCHERS = ("accelerate", "torchrun")
+
+
+def _parent_command() -> list[str]:
+    """The command line of the process that started this one ([] where it cannot be read)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+            return [part.decode(errors="replace") for part in fh.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def launcher_command() -> list[str] | None:
+    """`accelerate launch ...` / `torchrun ...` as typed, when one of them started this process."""
+    parent = _parent_command()
+    for i, part in enumerate(parent):
+        name = Path(part).name
+        if name in LAUNCHERS or (name == "-m" and parent[i + 1 : i + 2] == ["torch.distributed.run"]):
+            return [name if name in LAUNCHERS else "torchrun", *parent[i + (1 if name in LAUNCHERS else 2) :]]
+    return None
+
+
+def rerun_command(prog: str, argv: Sequence[str]) -> str:
+    """The command to type again to resume: the launcher's when there is one, else this one; quoted."""
+    import shlex
+
+    launched = launcher_command()
+    return shlex.join(launched) if launched else " ".join([prog, shlex.join(argv)]).strip()
 
 
 class RunDirError(RuntimeError):
@@ -126,7 +160,19 @@ def resolve_accumulation(recipe: Recipe, num_processes: int) -> int:
                 f"= {train.batch_size} x {num_processes} = {per_step}; pick a multiple of {per_step}"
             ],
         )
-    return train.global_batch_size // per_step
+    steps = train.global_batch_size // per_step
+    if steps > 1 and recipe.optim.fused_backward:
+        raise RecipeError(
+            "recipe",
+            [
+                f"optim.fused_backward: train.global_batch_size = {train.global_batch_size} needs {steps} "
+                f"accumulation steps at batch_size {train.batch_size} x {num_processes} process(es), and the "
+                "fused step updates every weight at every micro-batch, so it cannot accumulate; set "
+                f"train.batch_size = {train.global_batch_size // num_processes} (if it fits), or "
+                "fused_backward = false"
+            ],
+        )
+    return steps
 
 
 # Which strategy pair each method is (shared/ARCHITECTURE.md): adapter kind x objective kind.
@@ -156,7 +202,7 @@ def build_adapter(recipe: Recipe) -> Any:
 
         return FullAdapter(
             train_text_encoders=recipe.full.train_text_encoders,
-            text_encoder_lr=recipe.full.text_encoder_lr,
+            text_encoder_lr=recipe.text_encoder_lr,
             export_dtype=recipe.export.dtype,
             extract_lora_rank=recipe.export.extract_lora_rank,
             lora_targets=recipe.lora.targets,
@@ -167,9 +213,10 @@ def build_adapter(recipe: Recipe) -> Any:
         rank=recipe.lora.rank,
         alpha=recipe.lora.scale_alpha,
         dropout=recipe.lora.dropout,
+        init=recipe.lora.init,
         targets=recipe.lora.targets,
         train_text_encoders=recipe.lora.train_text_encoders,
-        text_encoder_lr=recipe.lora.text_encoder_lr,
+        text_encoder_lr=recipe.text_encoder_lr,
         export_dtype=recipe.export.dtype,
         export_diffusers=recipe.export.diffusers,
     )
@@ -338,25 +385,30 @@ def build_sampler(recipe: Recipe, model: Any, prompts: list[Any], num_epochs: in
     )
 
 
-def check_data_once(recipe: Recipe, accelerator: Any) -> Any:
-    """The preflight on the main process alone (it decodes every image); the other processes receive its
-    report, or its `DataError`, so every rank fails the same way."""
+def run_on_main_process(accelerator: Any, work: Any, errors: tuple[type[Exception], ...]) -> Any:
+    """Run `work()` on the main process alone and hand its result, or one of its `errors`, to the other
+    processes, so every rank goes on, or fails, the same way (the data preflight decodes every image once)."""
     if accelerator.num_processes == 1:
-        return check_data(recipe, progress=True)
+        return work()
     from accelerate.utils import broadcast_object_list
-
-    from loratk.data.dataset import DataError
 
     outcome: list[Any] = [None]
     if accelerator.is_main_process:
         try:
-            outcome = [check_data(recipe, progress=True)]
-        except DataError as err:
+            outcome = [work()]
+        except errors as err:
             outcome = [err]
     broadcast_object_list(outcome, from_process=0)
-    if isinstance(outcome[0], DataError):
+    if isinstance(outcome[0], errors):
         raise outcome[0]
     return outcome[0]
+
+
+def check_data_once(recipe: Recipe, accelerator: Any) -> Any:
+    """The preflight on the main process alone (it decodes every image); the others receive its report."""
+    from loratk.data.dataset import DataError
+
+    return run_on_main_process(accelerator, lambda: check_data(recipe, progress=True), (DataError,))
 
 
 def check_data(recipe: Recipe, *, progress: bool = False) -> Any:
@@ -460,8 +512,8 @@ def build_data_caches(
         build_latent_cache,
         build_text_cache,
         compute_module_fingerprint,
-        default_data_cache_dir,
     )
+    from loratk.files import default_data_cache_dir
 
     logger = get_logger("loratk.train")
     data = recipe.data
@@ -481,6 +533,8 @@ def build_data_caches(
             root,
             compute_module_fingerprint([vae], extra=f"vae|{vae.dtype}"),
             recipe.model.vae or recipe.model.path,
+            channels=vae.config.latent_channels,
+            downscale=2 ** (len(vae.config.block_out_channels) - 1),
         )
         if not data.center_crop:
             logger.info(
@@ -495,7 +549,8 @@ def build_data_caches(
             max_pixels=data.max_pixels,
             **shard,
         )
-        logger.info(f"latent cache {latents.folder}: {stats.describe()}", main_process_only=True)
+        report = logger.warning if stats.rebuilt else logger.info  # a damaged entry is worth a warning
+        report(f"latent cache {latents.folder}: {stats.describe()}", main_process_only=True)
     else:
         logger.info(
             "latent cache off (data.cache_latents = false): the VAE encodes every batch",
@@ -512,7 +567,8 @@ def build_data_caches(
             recipe.model.path,
         )
         stats = build_text_cache(text, dataset.caption_texts(epoch_range), denoiser.encode_captions, **shard)
-        logger.info(f"text-embedding cache {text.folder}: {stats.describe()}", main_process_only=True)
+        report = logger.warning if stats.rebuilt else logger.info
+        report(f"text-embedding cache {text.folder}: {stats.describe()}", main_process_only=True)
     else:
         logger.info(f"text-embedding cache off: {reason}", main_process_only=True)
     accelerator.wait_for_everyone()
@@ -583,13 +639,14 @@ class TrainingRun:
         self.stop = stop
         self.lock: Any = None
         self.resume_from: Path | None = None
+        self.finished: Any = None  # (state folder, counters) of a run that has nothing left to train
 
     def setup(self) -> None:
         from accelerate import Accelerator, PartialState
         from accelerate.logging import get_logger
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
-        from loratk.core.checkpoint import RunLock, StateManager, atomic_write_text
+        from loratk.core.checkpoint import StateError, StateManager
         from loratk.core.optim import build_lr_scheduler, build_optimizer
         from loratk.export.epochs import EpochExporter
         from loratk.models.sdxl import (
@@ -623,22 +680,22 @@ class TrainingRun:
         # every caption read.
         sample_prompts = load_sample_prompts(recipe)
         check_launch(recipe, accelerator, samples_during_training=bool(sample_prompts))
+        # The run folder is claimed (locked, checked writable, cleaned of stale temporaries) and a finished
+        # run is recognised before any image is decoded or any model loaded.
+        run_on_main_process(accelerator, self._claim_run_dir, (RunDirError, StateError))
+        self.candidates = self._resume_candidates()
+        self.finished = self._finished_state()
+        if self.finished is not None:
+            return
         dreambooth = _objective_kind(recipe) == "dreambooth"
         if dreambooth:
             report, self.dataset = None, build_dreambooth_dataset(recipe)
         else:
             report = check_data_once(recipe, accelerator)
             self.dataset = build_dataset(recipe, report)
-        if accelerator.is_main_process:
-            self.lock = RunLock(self.run_dir)
-            self.lock.acquire()
-            self._prepare_run_dir()
-            atomic_write_text(self.run_dir / "recipe.resolved.toml", dump_recipe(recipe))
-            if report is not None:
-                self._write_skipped(report)
-                self.logger.info(f"data: {describe_buckets(self.dataset)}", main_process_only=True)
-        accelerator.wait_for_everyone()
-        self.candidates = self._resume_candidates()
+        if accelerator.is_main_process and report is not None:
+            self._write_skipped(report)
+            self.logger.info(f"data: {describe_buckets(self.dataset)}", main_process_only=True)
 
         self.weight_dtype = DTYPES[recipe.train.mixed_precision]
         # The local main process loads first: it alone writes `builtin:` models and hub downloads into the
@@ -762,23 +819,80 @@ class TrainingRun:
             self.accelerator, dict(zip(self.trainable_names, self.modules, strict=True))
         )
 
+    def _claim_run_dir(self) -> None:
+        """Main process: lock the run folder, remove what killed writes left behind, check the recipe
+        against the one there, and write `recipe.resolved.toml`."""
+        from loratk.core.checkpoint import RunLock, atomic_write_text, remove_stale_temporaries
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(self.run_dir)
+            lock.acquire()
+        except OSError as err:
+            raise RunDirError(
+                f"{self.run_dir}: cannot write there ({err.strerror or err}); set output_dir (now "
+                f"{self.recipe.output_dir!r}) to a folder you can write to"
+            ) from None
+        try:
+            removed = remove_stale_temporaries(self.run_dir)
+            if removed:
+                self.logger.info(
+                    f"removed {len(removed)} temporary file(s) an interrupted write left in {self.run_dir}",
+                    main_process_only=True,
+                )
+            self._prepare_run_dir()
+            atomic_write_text(self.run_dir / "recipe.resolved.toml", dump_recipe(self.recipe))
+        except BaseException:
+            lock.release()
+            raise
+        self.lock = lock
+
     def _prepare_run_dir(self) -> None:
-        """Refuse a run directory that holds a different recipe, unless resuming it or overwriting."""
+        """Refuse a run directory that holds a different recipe, unless resuming it or overwriting; a run
+        that never completed a step there (no state, no epoch file) has nothing to protect: start over."""
+        from loratk.core.checkpoint import list_complete_states
         from loratk.recipe import recipe_diff
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.overwrite:
             _clear_run_outputs(self.run_dir, self.recipe.name)
             return
         previous = self.run_dir / "recipe.resolved.toml"
-        if previous.is_file():
-            diff = recipe_diff(previous.read_text(), self.recipe)
-            if diff:
-                lines = "\n".join(f"    {d}" for d in diff)
-                raise RunDirError(
-                    f"{self.run_dir} holds a run with a different recipe:\n{lines}\n"
-                    "  Pass --overwrite to start again there, or give this run another `name`."
-                )
+        if not previous.is_file():
+            return
+        diff = recipe_diff(previous.read_text(), self.recipe)
+        if not diff:
+            return
+        if not list_complete_states(self.run_dir / "state") and not any(
+            self.run_dir.glob("epoch*.safetensors")
+        ):
+            self.logger.info(
+                f"{self.run_dir}: the run there never completed a step (no state, no epoch file); "
+                "starting over with this recipe",
+                main_process_only=True,
+            )
+            _clear_run_outputs(self.run_dir, self.recipe.name)
+            return
+        lines = "\n".join(f"    {d}" for d in diff)
+        raise RunDirError(
+            f"{self.run_dir} holds a run with a different recipe:\n{lines}\n"
+            "  Pass --overwrite to start again there, or give this run another `name`."
+        )
+
+    def _finished_state(self) -> Any:
+        """(state folder, counters) when the state to resume from already finished this recipe's training,
+        else None. Needs no data and no model: epochs and max_steps are the recipe's."""
+        from loratk.core.checkpoint import read_state
+
+        if not self.candidates:
+            return None
+        path = self.candidates[0]
+        state, _ = read_state(path)
+        train = self.recipe.train
+        if train.max_steps is not None:
+            done = state.global_step >= train.max_steps and state.batches_done == 0
+        else:
+            done = state.epoch > train.epochs
+        return (path, state) if done else None
 
     def _resume_candidates(self) -> list[Path]:
         from loratk.core.checkpoint import StateError, choose_state, read_state
@@ -814,8 +928,13 @@ class TrainingRun:
                 self.logger.warning(f"{err}; falling back to an older state", main_process_only=True)
                 continue
             self.resume_from = path
+            where = (
+                f"epoch {state.epoch}, {state.batches_done} batch(es) into it"
+                if state.batches_done
+                else f"the start of epoch {state.epoch}"
+            )
             self.logger.info(
-                f"resuming from {path}: step {state.global_step}, epoch {state.epoch}", main_process_only=True
+                f"resuming from {path}: step {state.global_step}, at {where}", main_process_only=True
             )
             return state
         if self.candidates:
@@ -827,15 +946,22 @@ class TrainingRun:
         return TrainState()
 
     def train(self, step_hooks: Sequence[Any] = ()) -> Any:
-        from loratk.core.loop import MetricsWriter, on_main_process, run_training
+        from loratk.core.loop import LoopResult, MetricsWriter, on_main_process, run_training
 
-        main = self.accelerator.is_main_process
-        if self.state.finished(self.plan.total_steps, self.plan.num_epochs):
+        if self.finished is not None:
+            path, state = self.finished
+            epochs = (
+                f"max_steps = {self.recipe.train.max_steps}"
+                if self.recipe.train.max_steps is not None
+                else f"all {state.epoch - 1} epoch(s)"
+            )
             self.logger.info(
-                f"nothing to train: {self.resume_from} is already at step {self.state.global_step} of "
-                f"{self.plan.total_steps} (raise train.epochs to continue, or pass --overwrite to start again)",
+                f"nothing to train: {path} finished {epochs} at step {state.global_step} (raise "
+                "train.epochs to continue, or pass --overwrite to start again)",
                 main_process_only=True,
             )
+            return LoopResult(state=state)
+        main = self.accelerator.is_main_process
         hooks = [self.exporter]
         if self.sampler is not None:
             hooks.append(on_main_process(self.accelerator, self.sampler))
@@ -904,11 +1030,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, stop: Any = None) -> Path:
     return run.run_dir
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "huggingface_hub", "diffusers", "transformers", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m loratk.train") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv, prog)
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"train.resume={json.dumps(args.resume)}")
@@ -917,15 +1041,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from loratk.logs import configure_logging
+
+    configure_logging()
     from loratk.core.checkpoint import OutputWriteError, StateError
-    from loratk.core.interrupts import StopRequest, TrainingInterrupted
+    from loratk.core.interrupts import StopRequest, TrainingInterrupted, stop_when_parent_exits
     from loratk.core.loop import NonFiniteLossError
     from loratk.data.cache import CacheError
     from loratk.data.dataset import DataError
     from loratk.models.sdxl import ModelLoadError
     from loratk.prompts import PromptError
 
-    resume_cmd = f"accelerate launch -m loratk.train {args.recipe} {' '.join(args.overrides)}".strip()
+    if launcher_command() is not None:
+        # A launcher killed on its own (`docker stop`, `kill PID`) must not leave the trainer running on.
+        stop_when_parent_exits()
+    resume_cmd = rerun_command(prog, argv)
     try:
         with StopRequest() as stop:
             train(recipe, overwrite=args.overwrite, stop=stop)

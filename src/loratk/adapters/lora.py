@@ -37,6 +37,10 @@ def text_encoder_targets(num_layers: int, uses_last_layer: bool) -> str:
 
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Down-projection init -> peft's `init_lora_weights` (the up-projection always starts at zero).
+# "kaiming": kaiming-uniform with a = sqrt(5), kohya's and PEFT's default, so kohya learning rates carry
+# over; "gaussian": std 1 / rank, the diffusers examples' choice.
+LORA_INITS = {"kaiming": True, "gaussian": "gaussian"}
 
 
 def resolve_unet_targets(targets: str | list[str]) -> str | list[str]:
@@ -48,6 +52,15 @@ def resolve_unet_targets(targets: str | list[str]) -> str | list[str]:
     if isinstance(targets, str):
         raise ValueError(f"lora.targets must be 'all-linear', 'attention' or a list, got {targets!r}")
     return list(targets)
+
+
+def count_lora_parameters(unet: torch.nn.Module, targets: str | list[str], rank: int) -> tuple[int, int]:
+    """(modules, parameters) of a rank-`rank` LoRA on `unet`'s `targets`; works on the meta device, so the
+    size of a full-size SDXL LoRA file (2 bytes per parameter in fp16) is known without any weights."""
+    from loratk.export.extract import target_weights
+
+    weights = target_weights(unet, resolve_unet_targets(targets))
+    return len(weights), sum(rank * (w.shape[0] + w.shape[1]) for w in weights.values())
 
 
 def inject_lora(module: torch.nn.Module, config: Any, adapter_name: str = "default") -> None:
@@ -136,6 +149,7 @@ class LoraAdapter:
         rank: int,
         alpha: float,
         dropout: float = 0.0,
+        init: str = "kaiming",
         targets: str | list[str] = "all-linear",
         train_text_encoders: bool = False,
         text_encoder_lr: float | None = None,
@@ -145,6 +159,9 @@ class LoraAdapter:
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
+        if init not in LORA_INITS:
+            raise ValueError(f"init must be one of {', '.join(LORA_INITS)}, got {init!r}")
+        self.init = init
         self.targets = targets
         self.train_text_encoders = train_text_encoders
         self.text_encoder_lr = text_encoder_lr
@@ -158,7 +175,7 @@ class LoraAdapter:
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            init_lora_weights="gaussian",
+            init_lora_weights=LORA_INITS[self.init],
             target_modules=target_modules,
         )
 

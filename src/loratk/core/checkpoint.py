@@ -28,7 +28,7 @@ from loratk.core.engine import engine_kind
 class OutputWriteError(OSError):
     """A file could not be written; the message names it, and the previous version is intact."""
 
-    def __init__(self, path: Path, err: OSError):
+    def __init__(self, path: Path, err: OSError, kept: str = "; the previous file (if any) is unchanged"):
         super().__init__(err.errno, err.strerror or str(err))
         reason = err.strerror or str(err)
         hint = (
@@ -36,10 +36,26 @@ class OutputWriteError(OSError):
             if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
             else "check the path"
         )
-        self.message = f"could not write {path}: {reason} ({hint}); the previous file (if any) is unchanged"
+        self.message = f"could not write {path}: {reason} ({hint}){kept}"
 
     def __str__(self) -> str:
         return self.message
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _is_write_error(err: BaseException) -> bool:
+    return isinstance(err, OSError) or _OS_ERROR.search(str(err)) is not None
+
+
+def _as_oserror(err: BaseException) -> OSError:
+    """An OSError for `err`; libraries written in Rust (safetensors) report `(os error 28)` in their text."""
+    if isinstance(err, OSError):
+        return err
+    match = _OS_ERROR.search(str(err))
+    code = int(match[1]) if match else errno.EIO
+    return OSError(code, os.strerror(code))
 
 
 def _umask() -> int:
@@ -82,6 +98,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# What loratk's own interrupted writes leave: `atomic_path` temp files (`.epoch1.safetensors.k2x9ab.tmp`), the
+# temp folders of folder exports (`.epoch1_diffusers.k2x9ab`) and unfinished states (`.step-00000012.partial`).
+_STALE = re.compile(r"^\.(.+\.[A-Za-z0-9_]{8}\.tmp|.+_diffusers\.[A-Za-z0-9_]{8}|step-\d{8}\.partial)$")
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what killed writes of loratk left in a run folder (its top level, `state/`, `class_images/`,
+    `samples/` and its epoch folders).
+
+    Only names that loratk's own temporary files have; call it while holding the run's lock, so no other
+    training is writing there.
+    """
+    removed = []
+    samples = run_dir / "samples"
+    folders = [run_dir, run_dir / "state", run_dir / "class_images", samples]
+    folders += sorted(p for p in samples.iterdir() if p.is_dir()) if samples.is_dir() else []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if _STALE.match(path.name):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -278,25 +323,36 @@ class StateManager:
             weights[i] = {k: v for k, v in weights[i].items() if k in names}
 
     def save(self, state: TrainState) -> Path:
+        """Write a complete state for `state`; on a write error (a full disk) remove the partial folder and
+        raise `OutputWriteError`: the previous states are untouched, so rerunning resumes from the newest."""
         final = state_path(self.root, state.global_step)
         tmp = self.root / f".{final.name}.partial"
         acc = self.accelerator
-        if acc.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (tmp / COUNTERS).write_text(state.to_json())
-            (tmp / RECIPE).write_text(self.recipe_toml)
-            _fsync_tree(tmp)
-            (tmp / MARKER).write_text("ok\n")  # written last
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self.prune()
+        try:
+            if acc.is_main_process:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp), safe_serialization=True)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                (tmp / COUNTERS).write_text(state.to_json())
+                (tmp / RECIPE).write_text(self.recipe_toml)
+                _fsync_tree(tmp)
+                (tmp / MARKER).write_text("ok\n")  # written last
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self.prune()
+        except Exception as err:  # safetensors reports a full disk as SafetensorError, not OSError
+            if not _is_write_error(err):
+                raise
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            newest = list_complete_states(self.root)
+            kept = f"; the newest complete state, {newest[0]}, is unchanged" if newest else ""
+            raise OutputWriteError(final, _as_oserror(err), kept=kept) from None
         acc.wait_for_everyone()
         return final
 

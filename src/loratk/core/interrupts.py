@@ -6,7 +6,10 @@ A second Ctrl-C aborts at once (KeyboardInterrupt). Long stages (caching, sampli
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 from types import FrameType
 
 EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
@@ -58,3 +61,23 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_when_parent_exits(signum: int = signal.SIGTERM) -> bool:
+    """Ask the kernel for `signum` when the parent process (a launcher) exits, so that killing the launcher
+    alone stops training the graceful way (a state is saved) instead of leaving it running on its own.
+    Linux only; returns whether it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    if armed and os.getppid() != parent:  # the parent exited before the request took effect
+        os.kill(os.getpid(), signum)
+    return armed

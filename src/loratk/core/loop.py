@@ -211,6 +211,13 @@ def run_training(
         module.train()
     agreement = StepAgreement(accelerator)
     fused = _steps_in_backward(optimizer)
+    if fused is not None and accelerator.gradient_accumulation_steps > 1:
+        # It would update every weight at every micro-batch: a smaller effective batch than the plan says,
+        # with a finite-loss gate that only the syncing micro-steps refresh.
+        raise ValueError(
+            "an optimizer that steps inside backward cannot accumulate gradients "
+            f"(gradient_accumulation_steps = {accelerator.gradient_accumulation_steps}); use 1"
+        )
     if fused is not None:
         fused.step_gate = agreement.finite  # a non-finite step skips every parameter's in-backward update
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,13 +26,6 @@ CACHE_FORMAT = "1"  # bump when the entry layout changes: old entries are then n
 
 class CacheError(RuntimeError):
     """A cache entry that cannot be built or read; the message names the image (or caption) and the fix."""
-
-
-def default_data_cache_dir() -> Path:
-    """`$LORATK_CACHE/data` (default `~/.cache/loratk/data`): shared by every run on this machine."""
-    from loratk.models.tiny import default_cache_dir
-
-    return default_cache_dir() / "data"
 
 
 def compute_module_fingerprint(modules: Sequence[torch.nn.Module], extra: str = "") -> str:
@@ -68,16 +61,42 @@ def _entry_path(folder: Path, key: str) -> Path:
     return folder / key[:2] / f"{key}.safetensors"
 
 
-def _readable(path: Path) -> bool:
-    """True if `path` is a complete safetensors file (its header parses)."""
-    from safetensors import safe_open
+def check_entry(
+    path: Path, keys: Sequence[str], shapes: dict[str, tuple[int, ...]] | None = None
+) -> str | None:
+    """Why the cache entry at `path` cannot be used (missing, unreadable, wrong keys or shapes, NaN/inf
+    values), or None when it can. Every entry is checked like this before a run reuses it."""
+    from safetensors.torch import load_file
 
+    if not path.is_file():
+        return "missing"
     try:
-        with safe_open(str(path), "pt") as handle:
-            handle.keys()
-        return True
-    except Exception:
-        return False
+        tensors = load_file(str(path))
+    except Exception:  # truncated or garbage: safetensors' own error types vary
+        return "unreadable"
+    if set(tensors) != set(keys):
+        return f"holds {sorted(tensors)}, expected {sorted(keys)}"
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            return f"{key} is {tensor.dtype}, not a float tensor"
+        expected = (shapes or {}).get(key)
+        if expected is not None and tuple(tensor.shape) != expected:
+            return f"{key} has shape {tuple(tensor.shape)}, expected {expected}"
+        if not torch.isfinite(tensor).all():
+            return f"{key} holds NaN/inf values"
+    return None
+
+
+def _check_loaded(
+    path: Path, tensors: dict[str, torch.Tensor], what: str, shapes: dict[str, tuple[int, ...]] | None
+) -> None:
+    for key, tensor in tensors.items():
+        expected = (shapes or {}).get(key)
+        if (expected is not None and tuple(tensor.shape) != expected) or not torch.isfinite(tensor).all():
+            raise CacheError(
+                f"{path}: damaged cache entry for {what} ({key}: shape {tuple(tensor.shape)}, NaN/inf or "
+                "wrong shape); rerun to rebuild it (entries are checked before training), or delete the file"
+            )
 
 
 def _load(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -108,11 +127,32 @@ class LatentRequest:
 class LatentCache:
     """Scaled VAE latent distributions (mean, std) per (image content, transform) for one VAE."""
 
-    def __init__(self, root: str | os.PathLike, fingerprint: str, model_id: str = ""):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        fingerprint: str,
+        model_id: str = "",
+        *,
+        channels: int | None = None,
+        downscale: int | None = None,
+    ):
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.model_id = model_id
         self.folder = self.root / "latents" / fingerprint[:24]
+        self.channels = channels  # the VAE's latent channels and pixel-to-latent factor, when known:
+        self.downscale = downscale  # entries of another shape are then rebuilt
+
+    def shapes(self, transform: Transform) -> dict[str, tuple[int, ...]] | None:
+        if self.channels is None or self.downscale is None:
+            return None
+        width, height = transform.bucket
+        shape = (self.channels, height // self.downscale, width // self.downscale)
+        return {"mean": shape, "std": shape}
+
+    def problem(self, sha256: str, transform: Transform) -> str | None:
+        """Why the entry cannot be used, or None (see `check_entry`)."""
+        return check_entry(self.path_for(sha256, transform), ("mean", "std"), self.shapes(transform))
 
     def key(self, sha256: str, transform: Transform) -> str:
         return hashlib.sha256(f"{sha256}|{transform.key()}".encode()).hexdigest()
@@ -124,7 +164,9 @@ class LatentCache:
         self, sha256: str, transform: Transform, image: str | os.PathLike
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std), each [4, H/8, W/8], already multiplied by the VAE scaling factor."""
-        tensors = _load(self.path_for(sha256, transform), f"{image} ({transform.key()})")
+        path = self.path_for(sha256, transform)
+        tensors = _load(path, f"{image} ({transform.key()})")
+        _check_loaded(path, tensors, f"{image} ({transform.key()})", self.shapes(transform))
         return tensors["mean"], tensors["std"]
 
     def save(self, request: LatentRequest, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -151,9 +193,16 @@ class CacheStats:
     total: int  # distinct entries the run needs
     reused: int  # already in the cache
     built: int  # encoded now (by this process)
+    rebuilt: list[str] = field(default_factory=list)  # "path: why" of entries that were there but unusable
 
     def describe(self) -> str:
-        return f"{self.total} entries: {self.reused} reused, {self.built} built"
+        line = f"{self.total} entries: {self.reused} reused, {self.built} built"
+        if self.rebuilt:
+            shown = "; ".join(self.rebuilt[:3]) + (
+                f"; ... {len(self.rebuilt) - 3} more" if len(self.rebuilt) > 3 else ""
+            )
+            line += f" ({len(self.rebuilt)} damaged entr{'y' if len(self.rebuilt) == 1 else 'ies'} rebuilt: {shown})"
+        return line
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -195,7 +244,13 @@ def build_latent_cache(
     # Shard the full, sorted key list (the same on every process) before looking at what exists: another
     # process may already be writing its share, so "what is missing" differs from one moment to the next.
     shard = sorted(unique.items())[process_index::num_processes]
-    mine = [r for k, r in shard if not _readable(_entry_path(cache.folder, k))]
+    problems = {k: cache.problem(r.sha256, r.transform) for k, r in shard}
+    mine = [r for k, r in shard if problems[k] is not None]
+    rebuilt = [
+        f"{_entry_path(cache.folder, k)}: {why}"
+        for k, why in problems.items()
+        if why not in (None, "missing")
+    ]
     by_bucket: dict[Size, list[LatentRequest]] = {}
     for request in mine:
         by_bucket.setdefault(request.transform.bucket, []).append(request)
@@ -216,9 +271,8 @@ def build_latent_cache(
                         )
                     cache.save(request, mean[i], std[i])
                 bar.update(len(batch))
-    return CacheStats(
-        total=len(unique), reused=len(shard) - len(mine), built=len(mine)
-    )  # this process's share
+    # This process's share.
+    return CacheStats(total=len(unique), reused=len(shard) - len(mine), built=len(mine), rebuilt=rebuilt)
 
 
 def _render(request: LatentRequest, max_pixels: int) -> torch.Tensor:
@@ -248,8 +302,13 @@ class TextEmbeddingCache:
         return _entry_path(self.folder, self.key(text))
 
     def load(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = _load(self.path_for(text), f"caption {text[:60]!r}")
+        path = self.path_for(text)
+        tensors = _load(path, f"caption {text[:60]!r}")
+        _check_loaded(path, tensors, f"caption {text[:60]!r}", None)
         return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
+
+    def problem(self, text: str) -> str | None:
+        return check_entry(self.path_for(text), ("prompt_embeds", "pooled_prompt_embeds"))
 
     def save(self, text: str, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
         metadata = {
@@ -279,7 +338,9 @@ def build_text_cache(
     """Encode every caption text (the empty caption included, when asked for) that has no entry yet."""
     unique = sorted(set(texts))
     shard = unique[process_index::num_processes]
-    mine = [t for t in shard if not _readable(cache.path_for(t))]
+    problems = {t: cache.problem(t) for t in shard}
+    mine = [t for t in shard if problems[t] is not None]
+    rebuilt = [f"{cache.path_for(t)}: {why}" for t, why in problems.items() if why not in (None, "missing")]
     with _progress(len(mine), "cache text embeddings", progress) as bar:
         for start in range(0, len(mine), batch_size):
             _stop_if_requested(should_stop)
@@ -293,6 +354,5 @@ def build_text_cache(
                     )
                 cache.save(text, embeds[i], pooled[i])
             bar.update(len(batch))
-    return CacheStats(
-        total=len(unique), reused=len(shard) - len(mine), built=len(mine)
-    )  # this process's share
+    # This process's share.
+    return CacheStats(total=len(unique), reused=len(shard) - len(mine), built=len(mine), rebuilt=rebuilt)

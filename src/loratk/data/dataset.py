@@ -172,6 +172,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def _rng(self, index: int, epoch: int, stream: str = "") -> random.Random:
         return random.Random(f"{self.seed}-{epoch}-{index}{stream}")
 
+    def noise_seed(self, index: int, epoch: int, stream: str = "") -> int:
+        """The seed of item `index`'s noise and timestep in `epoch`: a function of (seed, epoch, index) alone,
+        so the same sample gets the same noise whatever the batch size or the number of processes."""
+        return self._rng(index, epoch, f"{stream}-noise").getrandbits(63)
+
     def plan_item(self, index: int, epoch: int) -> ItemPlan:
         """The transform and caption of item `index` in `epoch`: a pure function of (seed, epoch, index)."""
         record = self.records[index]
@@ -221,9 +226,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "crop_top_left": transform.crop_top_left,
             "target_size": (transform.bucket[1], transform.bucket[0]),
             "path": str(record.path),
-            # Noise and timestep of this sample: a function of (seed, epoch, index) alone, so the same sample
-            # gets the same noise whatever the batch size or the number of processes.
-            "noise_seed": self._rng(index, self.epoch, "-noise").getrandbits(63),
+            "noise_seed": self.noise_seed(index, self.epoch),
         }
         if self.latent_cache is not None:
             from loratk.data.cache import sample_latents

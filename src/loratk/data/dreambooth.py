@@ -80,7 +80,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = {"instance": self.instances[index]}
         if self.classes is not None:
-            item["class"] = self.classes[(self.epoch * len(self) + index) % len(self.classes)]
+            example = self.classes[(self.epoch * len(self) + index) % len(self.classes)]
+            # With fewer class images than instance items, one class image serves several items of an epoch
+            # (even of one batch): each occurrence draws its own noise and timestep.
+            example["noise_seed"] = self.instances.noise_seed(index, self.epoch, "-class")
+            item["class"] = example
         return item
 
 

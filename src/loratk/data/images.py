@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,6 +94,23 @@ def describe_content(data: bytes) -> str:
         return f"unknown binary data (starts with {head[:8].hex(' ')})"
 
 
+def list_image_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files (by extension) in `folder`, and its subfolders if `recursive`, sorted by relative path;
+    hidden files and folders are ignored. [] for a folder that does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    images = [
+        p
+        for p in candidates
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    ]
+    return sorted(images, key=lambda p: p.relative_to(folder).as_posix())
+
+
 def read_image_bytes(path: str | os.PathLike) -> bytes:
     """The file's bytes; 0-byte and unreadable files raise `ImageLoadError`."""
     path = Path(path)
@@ -153,8 +171,12 @@ def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = MAX_PIX
     path = Path(path)
     notes: list[str] = []
     try:
-        # Image.open reads the header only (Pillow itself refuses sizes over twice its own limit).
-        with Image.open(io.BytesIO(data)) as image:
+        # Image.open reads the header only (Pillow itself refuses sizes over twice its own limit). Its
+        # DecompressionBombWarning is dropped: the pixel cap below reports the image, naming the fix.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened as image:
             fmt = image.format or "unknown"
             if image.width * image.height > max_pixels:
                 raise ImageLoadError(

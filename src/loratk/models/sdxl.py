@@ -56,6 +56,31 @@ def _is_single_file(path: str) -> bool:
     return path.endswith((".safetensors", ".sft"))
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def check_all_weights_loaded(parts: dict[str, Any], where: str) -> None:
+    """Raise `ModelLoadError` naming every weight a loader left unloaded (on the meta device).
+
+    diffusers' single-file loader leaves a weight it found no key for on `meta` without a word, and the
+    run would fail much later with "Cannot copy out of meta tensor".
+    """
+    missing = [
+        f"{name}.{key}"
+        for name, module in parts.items()
+        if isinstance(module, torch.nn.Module)
+        for key, tensor in [*module.named_parameters(), *module.named_buffers()]
+        if tensor.is_meta
+    ]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(
+            f"{where}: {len(missing)} weight(s) were not loaded: {shown}. The checkpoint has no weights for "
+            "them, or they were not recognised; check that it is a complete SDXL checkpoint (and that "
+            "model.single_file_config describes it)"
+        )
+
+
 def load_sdxl(
     path: str,
     *,
@@ -69,6 +94,14 @@ def load_sdxl(
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     where = resolve_model_path(path)
+    if where.lower().endswith(PICKLE_SUFFIXES):
+        raise ModelLoadError(
+            f"model.path = {path!r}: a pickle checkpoint ({Path(where).suffix}); loratk loads only "
+            ".safetensors checkpoints and diffusers folders, because loading a pickle can run any code it "
+            "holds. Convert it once with a tool you trust (for example diffusers' "
+            "`StableDiffusionXLPipeline.from_single_file(path).save_pretrained(folder)`), or use the "
+            ".safetensors release of the model"
+        )
     try:
         if _is_single_file(where):
             if not Path(where).is_file():
@@ -110,6 +143,7 @@ def load_sdxl(
         raise ModelLoadError(
             f"model.path = {path!r}: could not load the SDXL model: {err}\n  hint: {hint}"
         ) from err
+    check_all_weights_loaded(parts, where)
     return SDXLModel(**parts, source=path)
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from loratk.files import default_cache_dir
+
 TINY_SDXL_ID = "builtin:tiny-sdxl"
 TINY_BLIP_ID = "builtin:tiny-blip"
-_TINY_VERSION = "1"  # bump when the tiny configs change, so stale cache folders are rebuilt
+_TINY_VERSION = "2"  # bump when the tiny configs change, so stale cache folders are rebuilt
 
 # The UNet keeps SDXL's block structure (3 levels, 2 layers per block, cross-attention in the two lower
 # levels) so that SGM key names and diffusers' converters behave exactly as on the real model.
@@ -30,12 +32,15 @@ TINY_UNET_CONFIG = dict(
     transformer_layers_per_block=(1, 1, 2),
     attention_head_dim=(2, 4, 4),
     norm_num_groups=8,
-    cross_attention_dim=64,  # = te1 hidden (32) + te2 hidden (32), as 768 + 1280 = 2048 in SDXL
+    cross_attention_dim=80,  # = te1 hidden (32) + te2 hidden (48), as 768 + 1280 = 2048 in SDXL
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled te2 (32)
+    projection_class_embeddings_input_dim=6 * 8 + 48,  # 6 time ids x 8 + pooled te2 (48)
 )
+# The two encoders differ in width, as CLIP-L (768) and OpenCLIP-G (1280) do: single-file loaders tell them
+# apart by that width, and equal widths made diffusers load CLIP-L's weights into the second encoder.
+TINY_TE1_WIDTH, TINY_TE2_WIDTH = 32, 48
 
 TINY_VAE_CONFIG = dict(
     in_channels=3,
@@ -77,17 +82,17 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _text_config(tokenizer, projection_dim: int):
+def _text_config(tokenizer, width: int):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=projection_dim,
+        projection_dim=width,
         hidden_act="quick_gelu",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -117,9 +122,9 @@ def _build_tiny_sdxl_pipeline(seed: int):
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_text_config(tokenizer, projection_dim=32))
+    text_encoder = CLIPTextModel(_text_config(tokenizer, TINY_TE1_WIDTH))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, TINY_TE2_WIDTH))
     # SDXL base's own scheduler settings.
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -146,13 +151,6 @@ def save_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
     folder = Path(folder)
     build_tiny_sdxl_pipeline(seed).save_pretrained(folder, safe_serialization=True)
     return folder
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("LORATK_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loratk"
-    )
-    return Path(root)
 
 
 def _materialise(name: str, marker: str, save, cache_dir: str | os.PathLike | None) -> Path:

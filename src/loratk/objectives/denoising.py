@@ -79,6 +79,13 @@ class SDXLDenoiser:
             )
         else:
             embeds, pooled = self.encode_captions(batch["captions"])
+        # A dropped caption trains the unconditional case as SDXL samples it: the pipeline feeds zeros, not the
+        # encoded empty prompt, for an empty negative prompt (`force_zeros_for_empty_prompt`).
+        empty = [caption == "" for caption in batch.get("captions", ())]
+        if any(empty):
+            keep = torch.tensor([not e for e in empty], device=embeds.device)
+            embeds = embeds * keep[:, None, None].to(embeds.dtype)
+            pooled = pooled * keep[:, None].to(pooled.dtype)
         time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
         inputs = {
             "latents": latents,
@@ -133,7 +140,8 @@ class SDXLDenoiser:
             inputs["prompt_embeds"].to(self.weight_dtype),
             added_cond_kwargs={
                 "text_embeds": inputs["pooled"].to(self.weight_dtype),
-                "time_ids": inputs["time_ids"].to(self.weight_dtype),
+                # fp32, as kohya does: bf16 rounds sizes before they are embedded (1333 -> 1336).
+                "time_ids": inputs["time_ids"].float(),
             },
         ).sample
         target = compute_target(latents, noise, timesteps, self.alphas_cumprod, self.prediction_type)
