@@ -75,8 +75,8 @@ def reset_accelerate() -> None:
 
 def timed_run(recipe) -> dict[str, float]:
     """Set up and train one run; time the cache build (inside setup) and each epoch."""
-    import loratk.train as train_module
-    from loratk.train import TrainingRun
+    import loratk.components.caches as train_module
+    from loratk.run import TrainingRun
 
     timings: dict[str, float] = {}
     build = train_module.build_data_caches
@@ -129,8 +129,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from loratk.components.data import build_data_spec, build_dataset
     from loratk.data.check import run_preflight
-    from loratk.train import build_data_spec, build_dataset
 
     with tempfile.TemporaryDirectory(prefix="loratk-bench-") as tmp:
         work = Path(tmp)

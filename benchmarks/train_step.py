@@ -161,16 +161,16 @@ def build_noise_scheduler() -> Any:
 
 
 def build_model(unet: torch.nn.Module) -> Any:
-    """An `SDXLModel` holding only the UNet: cached latents and embeddings need no VAE or text encoder."""
-    from loratk.models.sdxl import SDXLModel
+    """An SDXL model holding only the UNet: cached latents and embeddings need no VAE or text encoder."""
+    from loratk.models.family import DiffusionModel
+    from loratk.models.sdxl import SDXL
 
-    return SDXLModel(
+    return DiffusionModel(
+        family=SDXL,
         unet=unet,
         vae=None,
-        text_encoder=None,
-        text_encoder_2=None,
-        tokenizer=None,
-        tokenizer_2=None,
+        text_encoders={},
+        tokenizers={},
         noise_scheduler=build_noise_scheduler(),
         source="benchmark:random-weights",
     )
@@ -241,19 +241,19 @@ def make_dreambooth_batch(
 
 
 def objective_kind(config: BenchConfig) -> str:
-    """The objective kind ("caption" or "dreambooth") that `loratk.train` pairs with `config.method`."""
-    from loratk.train import METHODS
+    """The objective kind ("caption" or "dreambooth") that the method registry pairs with `config.method`."""
+    from loratk.components.methods import methods
 
-    return METHODS[config.method][1]
+    return methods()[config.method].objective
 
 
 def build_objective(
     config: BenchConfig, model: Any, *, device: torch.device, weight_dtype: torch.dtype
 ) -> Any:
-    """The objective `loratk.train.build_objective` builds for `config.method`, with the recipe's defaults."""
-    from loratk.objectives.denoising import SDXLDenoiser
+    """The objective the method registry builds for `config.method`, with the recipe's defaults."""
+    from loratk.objectives.denoising import Denoiser
 
-    denoiser = SDXLDenoiser(model, device=device, weight_dtype=weight_dtype)
+    denoiser = Denoiser(model, device=device, weight_dtype=weight_dtype)
     if objective_kind(config) == "dreambooth":
         from loratk.objectives.dreambooth import DreamBoothObjective
 
@@ -318,7 +318,7 @@ def build_step(
     """The UNet, adapter, objective and optimizer of one configuration, built as `loratk.train` does."""
     from loratk.adapters.lora import LoraAdapter
     from loratk.core.optim import build_lr_scheduler, build_optimizer
-    from loratk.models.sdxl import apply_performance_options
+    from loratk.models.performance import apply_performance_options
 
     if config.fused_backward:
         check_fused_backward(accelerator)
@@ -396,7 +396,7 @@ def count_flops_per_image_on_meta(unet_config: dict[str, Any], config: BenchConf
     from torch.utils.flop_counter import FlopCounterMode
 
     from loratk.adapters.lora import LoraAdapter
-    from loratk.objectives.denoising import SDXLDenoiser
+    from loratk.objectives.denoising import Denoiser
 
     meta = torch.device("meta")
     unet = build_unet(unet_config, meta)
@@ -407,7 +407,7 @@ def count_flops_per_image_on_meta(unet_config: dict[str, Any], config: BenchConf
         unet.requires_grad_(True)
     else:
         LoraAdapter(rank=config.rank, alpha=float(config.rank), targets=config.targets).apply(model)
-    denoiser = SDXLDenoiser(model, device=meta, weight_dtype=torch.bfloat16)
+    denoiser = Denoiser(model, device=meta, weight_dtype=torch.bfloat16)
     batch = make_cached_batch(unet_config, config.width, config.height, 1, meta)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -654,7 +654,7 @@ def _meta_flops(configs: list[BenchConfig]) -> int:
 def _run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
-    from loratk.models.sdxl import DTYPES
+    from loratk.core.precision import DTYPES
     from loratk.models.tiny import TINY_UNET_CONFIG
 
     cuda = torch.cuda.is_available()

@@ -18,8 +18,14 @@ from loratk.captioning import (
     CaptioningError,
     CaptioningInterrupted,
     caption_images,
-    read_manifest,
 )
+from loratk.data.captions import read_manifest as read_caption_manifest
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """The manifest's lines as written, in order (the one manifest reader; file names relative to any root)."""
+    return read_caption_manifest(path, path.parent).rows
+
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from loratk.core.optim import build_lr_scheduler, build_optimizer
-from loratk.models.sdxl import ModelLoadError, freeze_and_cast, load_sdxl
+from loratk.models.family import ModelLoadError, freeze_and_cast
+from loratk.models.sdxl import load_sdxl
 from loratk.plan import compute_plan
 
 
@@ -111,12 +112,12 @@ def test_frozen_weights_take_the_mixed_precision_dtype_but_the_vae_never_fp16(
 
 
 def test_model_loads_from_a_single_file_checkpoint(tiny_sdxl_dir, tmp_path):
-    from loratk.core.checkpoint import save_safetensors_atomic
-    from loratk.export.single_file import build_sgm_checkpoint
+    from loratk.files import save_safetensors_atomic
+    from loratk.models.sdxl import SDXL
 
     base = load_sdxl(str(tiny_sdxl_dir))
     path = tmp_path / "base.safetensors"
-    save_safetensors_atomic(build_sgm_checkpoint(base, dtype=torch.float32), path)
+    save_safetensors_atomic(SDXL.single_file_state_dict(base, dtype=torch.float32), path)
     model = load_sdxl(str(path), single_file_config=str(tiny_sdxl_dir))  # offline: configs from the folder
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):  # every part, with its own weights
         loaded, original = getattr(model, part).state_dict(), getattr(base, part).state_dict()
@@ -126,7 +127,7 @@ def test_model_loads_from_a_single_file_checkpoint(tiny_sdxl_dir, tmp_path):
 
 
 def test_a_weight_a_loader_left_unloaded_is_an_error_that_names_it():
-    from loratk.models.sdxl import check_all_weights_loaded
+    from loratk.models.family import check_all_weights_loaded
 
     with torch.device("meta"):
         projection = torch.nn.Linear(4, 4, bias=False)

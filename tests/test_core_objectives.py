@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from loratk.core.objectives import (
+from loratk.core.diffusion_math import (
     apply_noise_offset,
     compute_min_snr_weights,
     compute_noisy_latents,
@@ -74,11 +74,9 @@ def test_per_sample_mse_and_prior_loss():
 
 def test_a_samples_noise_depends_on_its_seed_not_on_its_batch(tiny_sdxl_dir):
     from loratk.models.sdxl import load_sdxl
-    from loratk.objectives.denoising import SDXLDenoiser
+    from loratk.objectives.denoising import Denoiser
 
-    denoiser = SDXLDenoiser(
-        load_sdxl(str(tiny_sdxl_dir)), device=torch.device("cpu"), weight_dtype=torch.float32
-    )
+    denoiser = Denoiser(load_sdxl(str(tiny_sdxl_dir)), device=torch.device("cpu"), weight_dtype=torch.float32)
     latents = torch.zeros(3, 4, 8, 8)
     noise, steps = denoiser.draw_noise(latents, [11, 22, 33])
     alone, alone_steps = denoiser.draw_noise(latents[1:2], [22])

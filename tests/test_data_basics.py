@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from loratk.data.buckets import SeededBatchSampler, compute_crop_plan
-from loratk.data.captions import apply_trigger_word, read_sidecar_caption
+from loratk.data.captions import read_sidecar_caption
 from loratk.data.dataset import DataError, ImageCaptionDataset, collate_batch, scan_image_folder
-from loratk.models.conditioning import compute_time_ids
+from loratk.data.tags import apply_trigger_word
+from loratk.models.sdxl import compute_time_ids
 
 
 def test_missing_and_empty_captions_are_all_reported_with_their_files(images_dir):

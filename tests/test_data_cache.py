@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from helpers import make_recipe
-from loratk.core.checkpoint import load_safetensors
+from loratk.components.caches import text_cache_off_reason
+from loratk.components.data import build_dataset
 from loratk.data.cache import (
     CacheError,
     LatentCache,
@@ -20,7 +21,7 @@ from loratk.data.cache import (
     compute_module_fingerprint,
 )
 from loratk.data.dataset import collate_batch
-from loratk.train import build_dataset, text_cache_off_reason
+from loratk.files import load_safetensors
 
 
 class FakeVAE:
@@ -179,7 +180,10 @@ def test_dataset_items_come_from_the_caches_and_are_seeded(tmp_path, images_dir)
     build_text_cache(
         text,
         texts,
-        lambda batch: (torch.randn(len(batch), 77, 8), torch.randn(len(batch), 4)),
+        lambda batch: {
+            "prompt_embeds": torch.randn(len(batch), 77, 8),
+            "pooled_prompt_embeds": torch.randn(len(batch), 4),
+        },
         progress=False,
     )
     dataset.use_caches(latents=latents, text=text)
@@ -251,7 +255,10 @@ def test_two_processes_split_the_caching_without_duplicate_work(tmp_path, images
     def encoder(rank):
         def encode(batch):
             encoded[rank].extend(batch)
-            return torch.zeros(len(batch), 4, 8), torch.zeros(len(batch), 8)
+            return {
+                "prompt_embeds": torch.zeros(len(batch), 4, 8),
+                "pooled_prompt_embeds": torch.zeros(len(batch), 8),
+            }
 
         return encode
 
@@ -294,7 +301,7 @@ def test_a_run_on_a_poisoned_latent_cache_equals_a_clean_run(tmp_path, tiny_sdxl
 
     from safetensors.torch import save_file
 
-    from loratk.train import TrainingRun
+    from loratk.run import TrainingRun
 
     def run(name, cache_dir):
         recipe = make_recipe(

@@ -13,14 +13,12 @@ from PIL import Image
 from loratk.data.captions import (
     CaptionError,
     Subset,
-    apply_trigger_word,
     read_manifest,
     read_metadata_jsonl,
     read_sidecar_caption,
     resolve_captions,
-    shuffle_tags,
-    tag_shuffle_variant,
 )
+from loratk.data.tags import apply_trigger_word, shuffle_tags, tag_shuffle_variant
 
 
 def _image(folder: Path, name: str) -> Path:

@@ -200,7 +200,7 @@ def test_perceptual_hash_finds_resized_and_recompressed_copies(tmp_path):
 
 
 def test_subsets_with_manifest_metadata_trigger_and_repeats(tmp_path):
-    from loratk.train import build_dataset, check_data
+    from loratk.components.data import build_dataset, check_data
 
     styles = tmp_path / "styles"
     copy_examples(styles)
@@ -248,7 +248,7 @@ def test_preflight_spec_defaults_scale_with_the_resolution(tmp_path):
 
 
 def test_two_subsets_over_one_folder_get_their_own_reports(tmp_path):
-    from loratk.train import build_dataset
+    from loratk.components.data import build_dataset
 
     spec = DataSpec(
         subsets=(

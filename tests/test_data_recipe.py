@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from loratk.components.data import build_data_spec
 from loratk.recipe import RecipeError, dump_recipe, load_recipe, recipe_diff, validate_recipe
-from loratk.train import build_data_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,8 +91,8 @@ def test_shipped_recipes_use_buckets_and_caches(name):
 
 def test_the_quickstart_reads_its_captions_from_the_shipped_manifest(monkeypatch):
     """captions/ holds the manifests people keep in git; the quickstart recipe reads its captions there."""
+    from loratk.components.data import check_data
     from loratk.recipe import load_recipe
-    from loratk.train import check_data
 
     monkeypatch.chdir(REPO)
     recipe = load_recipe("recipes/quickstart.toml")

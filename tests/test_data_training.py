@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from helpers import make_recipe
-from loratk.train import TrainingRun
+from loratk.run import TrainingRun
 
 
 def _reset_accelerate() -> None:
@@ -24,7 +24,7 @@ def counters(monkeypatch):
     """Count VAE encodes (a wrapper around AutoencoderKL.encode) and text-encoder passes."""
     from diffusers import AutoencoderKL
 
-    import loratk.objectives.denoising as denoising
+    import loratk.models.sdxl as denoising  # the family's prompt encoding
 
     calls = {"vae": 0, "text": 0}
     vae_encode, encode_prompts = AutoencoderKL.encode, denoising.encode_prompts
@@ -101,7 +101,7 @@ def test_skip_trains_on_the_good_images_and_writes_skipped_csv(tmp_path, tiny_sd
     data = {"on_bad_image": "skip", "shuffle_tags": True, "cache_dir": str(tmp_path / "cache")}
     recipe = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, data=data, train={"max_steps": 1})
     run = TrainingRun(recipe)
-    with caplog.at_level(logging.INFO, logger="loratk.train"):
+    with caplog.at_level(logging.INFO, logger="loratk"):
         run.setup()
         run.train()
     run.cleanup()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import make_recipe
+from loratk.components.launch import resolve_accumulation
 from loratk.recipe import RecipeError
-from loratk.train import resolve_accumulation
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
@@ -116,7 +116,7 @@ def test_two_processes_write_the_same_outputs_as_one(tmp_path, tiny_sdxl_dir, im
 DRIVER = """
 import os, signal, sys
 from loratk.recipe import load_recipe
-from loratk.train import TrainingRun
+from loratk.run import TrainingRun
 
 run = TrainingRun(load_recipe(sys.argv[1]))
 run.setup()
@@ -139,7 +139,7 @@ def _write(tmp_path: Path, tiny_sdxl_dir: Path, images_dir: Path, name: str, **s
 
 
 def _weights(path: Path) -> dict:
-    from loratk.core.checkpoint import load_safetensors
+    from loratk.files import load_safetensors
 
     return load_safetensors(path)[0]
 
@@ -234,8 +234,8 @@ def test_each_process_gets_its_own_deterministic_seed():
 
 
 def _lora_model(tmp_path, tiny_sdxl_dir, images_dir):
+    from loratk.components.strategies import build_adapter
     from loratk.models.sdxl import load_sdxl
-    from loratk.train import build_adapter
 
     model = load_sdxl(str(tiny_sdxl_dir))
     adapter = build_adapter(make_recipe(tmp_path, tiny_sdxl_dir, images_dir))
@@ -314,7 +314,7 @@ class _FakeAccelerator:
     ],
 )
 def test_the_launch_check_refuses_what_the_engine_cannot_run(tmp_path, engine, sections, sampling, message):
-    from loratk.train import LaunchError, check_launch
+    from loratk.components.launch import LaunchError, check_launch
 
     recipe = make_recipe(tmp_path, "m", tmp_path, **sections)
     with pytest.raises(LaunchError, match=message):
@@ -323,7 +323,7 @@ def test_the_launch_check_refuses_what_the_engine_cannot_run(tmp_path, engine, s
 
 @pytest.mark.parametrize("engine", [("DEEPSPEED", 2, 2), ("MULTI_GPU", 2), ("FSDP", 2), ("NO", 1)])
 def test_the_launch_check_lets_sampling_run_where_the_main_process_holds_every_weight(tmp_path, engine):
-    from loratk.train import check_launch
+    from loratk.components.launch import check_launch
 
     recipe = make_recipe(tmp_path, "m", tmp_path)
     check_launch(recipe, _FakeAccelerator(*engine), samples_during_training=engine[0] != "FSDP")
@@ -336,7 +336,8 @@ from accelerate import Accelerator
 from loratk.data import check
 from loratk.data.dataset import DataError
 from loratk.recipe import load_recipe
-from loratk.train import check_data_once, use_cpu_for_multiprocess_launch
+from loratk.components.launch import use_cpu_for_multiprocess_launch
+from loratk.components.data import check_data_once
 
 calls = []
 real = check.run_preflight
@@ -385,7 +386,7 @@ def test_the_preflight_runs_once_and_every_rank_gets_its_report_or_its_error(
 
 
 def test_the_launch_check_lists_every_problem_at_once(tmp_path):
-    from loratk.train import LaunchError, check_launch
+    from loratk.components.launch import LaunchError, check_launch
 
     recipe = make_recipe(
         tmp_path,
@@ -406,8 +407,9 @@ def test_each_config_headers_example_command_passes_the_launch_check(path, monke
 
     from accelerate.commands.config.config_args import load_config_from_file
 
+    from loratk.components.hooks import load_sample_prompts
+    from loratk.components.launch import check_launch
     from loratk.recipe import load_recipe
-    from loratk.train import check_launch, load_sample_prompts
 
     config = load_config_from_file(str(path))
     command = next(line for line in path.read_text().splitlines() if "-m loratk.train" in line)
@@ -422,7 +424,8 @@ def test_each_config_headers_example_command_passes_the_launch_check(path, monke
 
 def test_unsharded_runs_export_the_live_weights_without_gathering(tmp_path, tiny_sdxl_dir, images_dir):
     """A gather copies every weight (DeepSpeed clones the whole state dict): only sharded engines need it."""
-    from loratk.train import TrainingRun, describe_engine
+    from loratk.core.engine import describe_engine
+    from loratk.run import TrainingRun
 
     run = TrainingRun(make_recipe(tmp_path, tiny_sdxl_dir, images_dir))
     run.setup()
@@ -450,7 +453,9 @@ from loratk.adapters.full import FullAdapter
 from loratk.export.epochs import EpochExporter
 from loratk.models.sdxl import load_sdxl
 from loratk.recipe import load_recipe
-from loratk.train import build_adapter, describe_engine, gather_full_weights, use_cpu_for_multiprocess_launch
+from loratk.core.engine import describe_engine
+from loratk.components.strategies import build_adapter
+from loratk.components.launch import gather_full_weights, use_cpu_for_multiprocess_launch
 
 recipe, out = load_recipe(sys.argv[1]), Path(sys.argv[2])
 accelerator = Accelerator(cpu=use_cpu_for_multiprocess_launch())
@@ -532,7 +537,8 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from loratk.recipe import load_recipe
-from loratk.train import TrainingRun, describe_engine
+from loratk.core.engine import describe_engine
+from loratk.run import TrainingRun
 
 
 class FSDPOnCPU(accelerate.Accelerator):
@@ -598,3 +604,36 @@ def test_a_run_on_the_fsdp_config_trains_saves_and_resumes_like_ddp(tmp_path, ti
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_process_group_outlives_the_models_of_a_failed_run(tmp_path):
+    """The run's DDP models (held by the failed run's frames) are freed before the process group goes."""
+    code = """
+import os, socket, weakref
+import torch, torch.distributed as dist
+from loratk.components.launch import ProcessGroupHold
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+hold = ProcessGroupHold()
+hold.hold()
+def failing_run():
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+    failing_run.model = weakref.ref(model)
+    raise RuntimeError("the run failed")
+try:
+    failing_run()
+except RuntimeError as err:
+    dist.destroy_process_group()
+    assert failing_run.model() is not None and hold.group is not None
+    hold.release(err)
+    assert failing_run.model() is None, "the DDP model outlived the process group"
+    assert hold.group is None
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from loratk.core.objectives import compute_prior_preservation_loss
-from loratk.objectives import LossOutput
+from loratk.core.diffusion_math import compute_prior_preservation_loss
+from loratk.core.protocols import LossOutput
 from loratk.objectives.dreambooth import DreamBoothObjective
 from loratk.recipe import validate_recipe
-from loratk.train import TrainingRun
+from loratk.run import TrainingRun
 
 
 def db_recipe(tmp_path, model_dir, images_dir, method="dreambooth", **sections):
@@ -116,9 +116,9 @@ def test_dreambooth_recipes_are_validated(tmp_path):
 
 
 def test_class_images_are_generated_up_to_the_count_and_reused(tmp_path, tiny_sdxl_dir):
-    from loratk.class_images import generate_class_images, list_class_images
     from loratk.models.sdxl import load_sdxl
-    from loratk.sampling import read_png_parameters
+    from loratk.sampling.class_images import generate_class_images, list_class_images
+    from loratk.sampling.images import read_png_parameters
 
     model = load_sdxl(str(tiny_sdxl_dir))
     folder = tmp_path / "class"
@@ -221,11 +221,11 @@ def test_open_clip_g_round_trips_through_diffusers_converter(tiny_sdxl_dir):
     # OpenCLIP-G part against diffusers' own converter instead.
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-    from loratk.export.single_file import OPEN_CLIP_PREFIX, build_sgm_checkpoint
-    from loratk.models.sdxl import load_sdxl
+    from loratk.export.single_file import OPEN_CLIP_PREFIX
+    from loratk.models.sdxl import SDXL, load_sdxl
 
     model = load_sdxl(str(tiny_sdxl_dir))
-    sgm = build_sgm_checkpoint(model, torch.float32)
+    sgm = SDXL.single_file_state_dict(model, torch.float32)
     back = convert_open_clip_checkpoint(model.text_encoder_2, sgm, prefix=OPEN_CLIP_PREFIX)
     live = model.text_encoder_2.state_dict()
     assert set(back) == set(live) and all(torch.equal(back[k], live[k]) for k in live)

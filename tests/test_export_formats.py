@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from loratk.export.formats import (
-    build_kohya_metadata,
+    build_training_metadata,
     compute_tag_frequency,
     diffusers_to_sgm_unet_name,
     peft_to_kohya,
     text_encoder_kohya_name,
 )
+from loratk.models.sdxl import SDXL
 
 
 @pytest.mark.parametrize(
@@ -79,6 +80,7 @@ def test_peft_to_kohya_keys_shapes_and_alpha():
             "text_encoder_2": {"text_model.encoder.layers.1.self_attn.out_proj.lora_B.weight": up},
         },
         alpha=2.0,
+        family=SDXL,
         dtype=torch.float32,
     )
     base = "lora_unet_input_blocks_4_1_proj_in"
@@ -91,18 +93,21 @@ def test_peft_to_kohya_keys_shapes_and_alpha():
 
 def test_peft_to_kohya_casts_and_refuses_foreign_keys():
     out = peft_to_kohya(
-        {"unet": {"conv_in.lora_A.weight": torch.randn(2, 4, 3, 3)}}, alpha=1, dtype=torch.float16
+        {"unet": {"conv_in.lora_A.weight": torch.randn(2, 4, 3, 3)}},
+        alpha=1,
+        family=SDXL,
+        dtype=torch.float16,
     )
     assert out["lora_unet_input_blocks_0_0.lora_down.weight"].dtype == torch.float16
     with pytest.raises(ValueError, match="not a PEFT LoRA weight"):
-        peft_to_kohya({"unet": {"conv_in.weight": torch.zeros(1)}}, alpha=1)
+        peft_to_kohya({"unet": {"conv_in.weight": torch.zeros(1)}}, alpha=1, family=SDXL)
 
 
 def test_metadata_is_all_strings_with_the_keys_loaders_read():
-    meta = build_kohya_metadata(
+    from loratk.adapters.lora import LoraAdapter
+
+    facts = build_training_metadata(
         name="ukiyoe",
-        rank=128,
-        alpha=128,
         resolution=(600, 400),
         base_model="stabilityai/stable-diffusion-xl-base-1.0",
         learning_rate=1e-3,
@@ -116,7 +121,10 @@ def test_metadata_is_all_strings_with_the_keys_loaders_read():
         loratk_version="0.1.0",
         method="lora",
     )
+    # What a LoRA file holds: the run's facts, its family's keys, the adapter's network keys.
+    meta = {**facts, **SDXL.lora_metadata(), **LoraAdapter(rank=128, alpha=128).export_metadata()}
     assert all(isinstance(v, str) for v in meta.values())
+    assert not any(k.startswith("ss_network") or k == "ss_base_model_version" for k in facts)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["modelspec.resolution"] == "600x400"

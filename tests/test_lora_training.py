@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import make_recipe
-from loratk.train import TrainingRun
+from loratk.run import TrainingRun
 
 CONV_AND_LINEAR = [
     "to_q",
@@ -224,7 +224,7 @@ def test_full_size_lora_sizes_in_readme_are_counted(targets, modules):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from loratk.adapters.lora import count_lora_parameters
+    from loratk.adapters.lora_layers import count_lora_parameters
     from loratk.models.base_configs import SDXL_BASE_UNET_CONFIG
 
     with init_empty_weights():

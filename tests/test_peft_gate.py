@@ -16,8 +16,8 @@ from helpers import make_recipe
 from loratk.adapters.lora import LoraAdapter
 from loratk.models.sdxl import load_sdxl
 from loratk.prompts import PromptSpec
-from loratk.sampling import run_sample
-from loratk.train import TrainingRun
+from loratk.run import TrainingRun
+from loratk.sampling.command import run_sample
 
 
 @pytest.fixture

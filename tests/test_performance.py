@@ -10,15 +10,10 @@ import pytest
 import torch
 
 from helpers import make_recipe
-from loratk.models.sdxl import (
-    apply_performance_options,
-    freeze_and_cast,
-    load_sdxl,
-    offload_frozen_encoders,
-    require_attention_backend,
-    set_tf32,
-)
-from loratk.train import TrainingRun
+from loratk.models.family import freeze_and_cast, offload_frozen_encoders
+from loratk.models.performance import apply_performance_options, require_attention_backend, set_tf32
+from loratk.models.sdxl import load_sdxl
+from loratk.run import TrainingRun
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ import pytest
 
 from loratk.recipe import (
     RecipeError,
-    _flatten,
     apply_override,
     dump_recipe,
     load_recipe,
     parse_override_value,
     validate_recipe,
 )
+from loratk.recipe.loading import _flatten
 from loratk.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def test_recipes_are_frozen():
 @pytest.mark.parametrize("entry", ["python -m loratk.train", "loratk train"])
 def test_options_and_overrides_go_in_any_order(argv, entry, tmp_path, monkeypatch):
     """`loratk train RECIPE --overwrite train.epochs=1` and every other order, on both entry points."""
-    import loratk.train as train_module
+    import loratk.run as train_module
     from loratk.cli import main as cli_main
 
     path = tmp_path / "r.toml"

@@ -15,20 +15,13 @@ import pytest
 import torch
 
 from helpers import copy_examples, make_recipe
-from loratk.core.checkpoint import (
-    MARKER,
-    OutputWriteError,
-    RunLock,
-    StateError,
-    atomic_write_text,
-    list_complete_states,
-    load_safetensors,
-    save_safetensors_atomic,
-)
+from loratk.core.checkpoint import MARKER, RunLock, StateError, list_complete_states
 from loratk.core.interrupts import StopRequest
 from loratk.core.loop import NonFiniteLossError
+from loratk.files import OutputWriteError, atomic_write_text, load_safetensors, save_safetensors_atomic
 from loratk.recipe import dump_recipe
-from loratk.train import RunDirError, TrainingRun
+from loratk.run import TrainingRun
+from loratk.run_folder import RunDirError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +33,7 @@ DRIVER = textwrap.dedent(
     from loratk.recipe import load_recipe
 
     logging.basicConfig(level=logging.INFO)
-    from loratk.train import TrainingRun
+    from loratk.run import TrainingRun
 
     recipe = load_recipe(sys.argv[1])
     kill_at, kill_in_save = int(os.environ.get("KILL_AT", 0)), int(os.environ.get("KILL_IN_SAVE", 0))
@@ -303,7 +296,7 @@ def test_disk_full_during_export_names_the_path_and_keeps_the_old_file(tmp_path)
     code = textwrap.dedent(
         f"""
         import resource, signal, torch
-        from loratk.core.checkpoint import OutputWriteError, save_safetensors_atomic
+        from loratk.files import OutputWriteError, save_safetensors_atomic
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         try:
@@ -320,7 +313,7 @@ def test_disk_full_during_export_names_the_path_and_keeps_the_old_file(tmp_path)
 
 
 def test_export_is_read_back_before_it_replaces_the_old_file(tmp_path, monkeypatch):
-    import loratk.core.checkpoint as checkpoint
+    import loratk.files as checkpoint
 
     target = tmp_path / "a.safetensors"
     save_safetensors_atomic({"w": torch.ones(2)}, target)
@@ -384,7 +377,7 @@ def test_write_error_type_is_an_oserror():
 def test_safetensors_bytes_are_deterministic_and_readable_by_safetensors():
     from safetensors.torch import load
 
-    from loratk.core.checkpoint import serialize_safetensors
+    from loratk.files import serialize_safetensors
 
     tensors = {
         "b.alpha": torch.tensor(4.0, dtype=torch.float16),
@@ -436,7 +429,7 @@ def test_sharded_engines_states_are_loaded_by_the_engine_without_the_model_file_
 def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_rerun(
     tmp_path, tiny_sdxl_dir, images_dir
 ):
-    from loratk.models.sdxl import ModelLoadError
+    from loratk.models.family import ModelLoadError
 
     broken = make_recipe(
         tmp_path, tmp_path / "no-model", images_dir, name="rel", lora={"train_text_encoders": True}
@@ -592,9 +585,10 @@ def test_disk_full_during_a_state_save_is_a_clear_error_and_the_previous_state_s
     code = textwrap.dedent(
         f"""
         import resource, signal
-        from loratk.core.checkpoint import OutputWriteError, TrainState
+        from loratk.core.checkpoint import TrainState
+        from loratk.files import OutputWriteError
         from loratk.recipe import load_recipe
-        from loratk.train import TrainingRun
+        from loratk.run import TrainingRun
 
         run = TrainingRun(load_recipe({str(recipe)!r}))
         run.setup()

@@ -16,21 +16,17 @@ from helpers import copy_examples, make_recipe
 from loratk.cli import main as cli_main
 from loratk.models.sdxl import load_sdxl
 from loratk.prompts import PromptSpec
-from loratk.sampling import (
-    ImageSpec,
-    SampleHook,
+from loratk.run import TrainingRun
+from loratk.sampling.hook import SampleHook
+from loratk.sampling.images import build_grid, read_grid_labels, read_png_parameters, save_grid
+from loratk.sampling.pipeline import (
     adapters_disabled,
-    build_grid,
     build_pipeline,
     decode_latents,
-    expand_prompts,
     generate_images,
-    read_grid_labels,
-    read_png_parameters,
     sampling_mode,
-    save_grid,
 )
-from loratk.train import TrainingRun
+from loratk.sampling.specs import ImageSpec, expand_prompts
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
 SAMURAI = "Samurai on a hill with his sword drawn, highly detailed, clouds and ocean"
@@ -261,12 +257,12 @@ def test_sampling_does_not_change_training(trained_run, tiny_sdxl_dir, tmp_path)
 def test_a_failing_sampler_is_logged_and_training_goes_on(
     tmp_path, tiny_sdxl_dir, images_dir, monkeypatch, caplog
 ):
-    import loratk.sampling
+    import loratk.sampling.hook
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(loratk.sampling, "generate_images", out_of_memory)
+    monkeypatch.setattr(loratk.sampling.hook, "generate_images", out_of_memory)
     recipe = make_recipe(tmp_path, tiny_sdxl_dir, images_dir, sample={**FAST, "prompts": ["a cat"]})
     run = TrainingRun(recipe)
     run.setup()
@@ -399,7 +395,7 @@ def test_scheduler_names_agree_everywhere():
 
     from loratk.cli import build_parser
     from loratk.recipe import SampleConfig
-    from loratk.sampling import SCHEDULERS
+    from loratk.sampling.pipeline import SCHEDULERS
 
     recipe_names = typing.get_args(SampleConfig.model_fields["scheduler"].annotation)
     sample_parser = build_parser()._subparsers._group_actions[0].choices["sample"]
@@ -426,12 +422,12 @@ def test_cli_prompts_file_and_a_diffusers_folder_as_model(tiny_sdxl_dir, tmp_pat
 
 def test_cli_a_single_file_checkpoint_with_the_builtin_configs_as_model(tiny_sdxl_dir, tmp_path):
     """What a DreamBooth quickstart user tries first: its single-file checkpoint, configs from the builtin."""
-    from loratk.core.checkpoint import save_safetensors_atomic
-    from loratk.export.single_file import build_sgm_checkpoint
+    from loratk.files import save_safetensors_atomic
+    from loratk.models.sdxl import SDXL
 
     checkpoint = tmp_path / "quickstart_dreambooth.safetensors"
     save_safetensors_atomic(
-        build_sgm_checkpoint(load_sdxl("builtin:tiny-sdxl"), dtype=torch.float16), checkpoint
+        SDXL.single_file_state_dict(load_sdxl("builtin:tiny-sdxl"), dtype=torch.float16), checkpoint
     )
     out, common = tmp_path / "out", ["--prompt", "a red sun", "--steps", "2", "--size", "64", "--seed", "3"]
     assert (
@@ -552,7 +548,8 @@ def test_a_stop_request_ends_sampling_between_images(tmp_path, tiny_sdxl_dir):
 
     from loratk.models.sdxl import load_sdxl
     from loratk.prompts import parse_prompt_line
-    from loratk.sampling import SampleHook, expand_prompts
+    from loratk.sampling.hook import SampleHook
+    from loratk.sampling.specs import expand_prompts
 
     PartialState()  # the hook logs through accelerate, as inside a training run
     model = load_sdxl(str(tiny_sdxl_dir))
@@ -576,11 +573,9 @@ def test_a_stop_request_ends_sampling_between_images(tmp_path, tiny_sdxl_dir):
 
 
 def test_offloaded_parts_come_to_the_unet_device_for_sampling_and_go_back():
-    from types import SimpleNamespace
-
     import torch
 
-    from loratk.sampling import parts_on_device
+    from loratk.sampling.pipeline import parts_on_device
 
     class Part:
         def __init__(self, device: str):
@@ -591,7 +586,11 @@ def test_offloaded_parts_come_to_the_unet_device_for_sampling_and_go_back():
             self.device = torch.device(device)
             return self
 
-    model = SimpleNamespace(vae=Part("cpu"), text_encoder=Part("cpu"), text_encoder_2=Part("meta"))
+    from loratk.models.family import DiffusionModel
+    from loratk.models.sdxl import SDXL
+
+    encoders = {"text_encoder": Part("cpu"), "text_encoder_2": Part("meta")}
+    model = DiffusionModel(SDXL, None, Part("cpu"), encoders, {}, None, "fake")
     with parts_on_device(model, torch.device("meta")):
         assert {str(p.device) for p in (model.vae, model.text_encoder, model.text_encoder_2)} == {"meta"}
     assert (model.vae.moves, model.text_encoder_2.moves) == (["meta", "cpu"], [])

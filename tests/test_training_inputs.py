@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from helpers import make_recipe
-from loratk.core.objectives import compute_min_snr_weights, compute_snr
+from loratk.core.diffusion_math import compute_min_snr_weights, compute_snr
 from loratk.models.sdxl import load_sdxl
-from loratk.objectives.denoising import SDXLDenoiser
+from loratk.objectives.denoising import Denoiser
 from loratk.objectives.dreambooth import DreamBoothObjective
 from loratk.recipe import RecipeError, validate_recipe
 
@@ -39,7 +39,7 @@ def _batch(captions: list[str], sizes: list[tuple[int, int]]) -> dict:
 def test_time_ids_reach_the_unet_in_fp32_under_bf16(tiny_sdxl_dir):
     model = load_sdxl(str(tiny_sdxl_dir))
     model.unet.to(torch.bfloat16)
-    denoiser = SDXLDenoiser(model, device=torch.device("cpu"), weight_dtype=torch.bfloat16)
+    denoiser = Denoiser(model, device=torch.device("cpu"), weight_dtype=torch.bfloat16)
     seen = {}
     original = model.unet.forward
 
@@ -55,19 +55,19 @@ def test_time_ids_reach_the_unet_in_fp32_under_bf16(tiny_sdxl_dir):
 
 
 def test_a_dropped_caption_trains_on_zeros_as_sdxl_samples_the_unconditional(tiny):
-    denoiser = SDXLDenoiser(tiny, device=torch.device("cpu"), weight_dtype=torch.float32)
-    inputs = denoiser.encode_batch(_batch(["", "a cat"], [(64, 64), (64, 64)]))
-    assert not inputs["prompt_embeds"][0].any() and not inputs["pooled"][0].any()
-    assert inputs["prompt_embeds"][1].abs().sum() > 0 and inputs["pooled"][1].abs().sum() > 0
+    denoiser = Denoiser(tiny, device=torch.device("cpu"), weight_dtype=torch.float32)
+    inputs = denoiser.encode_batch(_batch(["", "a cat"], [(64, 64), (64, 64)]))["conditioning"]
+    assert not inputs["prompt_embeds"][0].any() and not inputs["pooled_prompt_embeds"][0].any()
+    assert inputs["prompt_embeds"][1].abs().sum() > 0 and inputs["pooled_prompt_embeds"][1].abs().sum() > 0
     # The same caption encoded on its own is unchanged by the zeroing of its neighbour.
-    alone = denoiser.encode_batch(_batch(["a cat"], [(64, 64)]))
+    alone = denoiser.encode_batch(_batch(["a cat"], [(64, 64)]))["conditioning"]
     torch.testing.assert_close(inputs["prompt_embeds"][1], alone["prompt_embeds"][0])
 
 
 def test_min_snr_weights_the_prior_half_of_dreambooth_too(tiny):
     """README: with train.min_snr_gamma, DreamBooth weights both halves (instance and class) per timestep."""
-    weighted = SDXLDenoiser(tiny, device=torch.device("cpu"), weight_dtype=torch.float32, min_snr_gamma=1.0)
-    plain = SDXLDenoiser(tiny, device=torch.device("cpu"), weight_dtype=torch.float32)
+    weighted = Denoiser(tiny, device=torch.device("cpu"), weight_dtype=torch.float32, min_snr_gamma=1.0)
+    plain = Denoiser(tiny, device=torch.device("cpu"), weight_dtype=torch.float32)
     batch = {**_batch(["sks dog", "sks dog", "a dog", "a dog"], [(64, 64)] * 4), "num_instance": 2}
     out = DreamBoothObjective(weighted, prior_loss_weight=1.0).compute_loss(batch)
     inputs = plain.encode_batch(batch)
@@ -139,7 +139,7 @@ def test_text_encoder_learning_rate_defaults(raw, expected):
 
 
 def test_the_adapter_gets_the_text_encoder_rate(tmp_path, tiny_sdxl_dir, images_dir):
-    from loratk.train import build_adapter
+    from loratk.components.strategies import build_adapter
 
     recipe = make_recipe(
         tmp_path, tiny_sdxl_dir, images_dir, lora={"train_text_encoders": True}, train={"learning_rate": 1e-3}
@@ -160,7 +160,7 @@ def test_warmup_on_a_constant_schedule_is_refused_with_the_fix():
 
 
 def test_fused_backward_with_a_global_batch_that_needs_accumulation_is_refused():
-    from loratk.train import resolve_accumulation
+    from loratk.components.launch import resolve_accumulation
 
     base = {**MINIMAL, "optim": {"fused_backward": True}, "train": {"batch_size": 2, "global_batch_size": 4}}
     recipe = validate_recipe(base)

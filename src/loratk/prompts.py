@@ -21,6 +21,11 @@ _KOHYA_ONLY = {
 }
 _LORA_TAG = re.compile(r"<lora:([^>]*)>", re.IGNORECASE)
 
+# Rendering defaults, one source for the [sample] section, class images and `loratk sample` without a run.
+DEFAULT_SEEDS: tuple[int, ...] = (0,)
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.0
+
 
 class PromptError(ValueError):
     """A prompt that cannot be read; the message names where it came from (file and line, or recipe key)."""

@@ -1,7 +1,8 @@
-"""Full adapter (method 'dreambooth'): the whole UNet trains (optionally both text encoders), in fp32.
+"""Full adapter (method 'dreambooth'): the whole UNet trains (optionally the text encoders), in fp32.
 
-Export: one SGM-layout SDXL checkpoint (A1111, ComfyUI, `from_single_file`), a diffusers folder beside it,
-and optionally a LoRA extracted by SVD of (tuned - base) for the LoRA trainer's targets.
+Export: one single-file checkpoint in the family's original layout (A1111, ComfyUI, `from_single_file`), a
+diffusers folder beside it, and optionally a LoRA extracted by SVD of (tuned - base) for the LoRA trainer's
+targets.
 """
 
 from __future__ import annotations
@@ -13,36 +14,26 @@ from typing import Any
 
 import torch
 
-from loratk.adapters.lora import TEXT_ENCODERS, resolve_unet_targets, text_encoder_targets
-from loratk.core.checkpoint import save_safetensors_atomic
+from loratk.adapters.lora_layers import resolve_unet_targets
+from loratk.core.precision import resolve_dtype
 from loratk.export.extract import extract_lora, target_weights
 from loratk.export.formats import peft_to_kohya
-from loratk.export.single_file import build_sgm_checkpoint
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def full_checkpoint_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    """The run's metadata for a full checkpoint: no LoRA network keys, the base (not /lora) architecture."""
-    meta = {k: v for k, v in metadata.items() if not k.startswith("ss_network_")}
-    meta["modelspec.architecture"] = "stable-diffusion-xl-v1-base"
-    return meta
+from loratk.files import save_safetensors_atomic
+from loratk.models.family import build_pipeline
 
 
-def extracted_lora_metadata(metadata: dict[str, str], rank: int, name: str) -> dict[str, str]:
-    meta = dict(metadata)
-    meta.update(
-        {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(rank),
-            "ss_network_alpha": str(float(rank)),
-            "ss_output_name": name,
-            "modelspec.title": name,
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-            "loratk.extracted_from": "full fine-tuning (SVD of tuned - base)",
-        }
-    )
-    return meta
+def extracted_lora_metadata(metadata: dict[str, str], family: Any, rank: int, name: str) -> dict[str, str]:
+    """The run's metadata for a LoRA extracted from the full weights: the family's LoRA keys, its rank."""
+    return {
+        **metadata,
+        **family.lora_metadata(),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(rank)),
+        "ss_output_name": name,
+        "modelspec.title": name,
+        "loratk.extracted_from": "full fine-tuning (SVD of tuned - base)",
+    }
 
 
 def with_weights(model: Any, weights: dict[str, dict[str, torch.Tensor]]) -> Any:
@@ -55,7 +46,7 @@ def with_weights(model: Any, weights: dict[str, dict[str, torch.Tensor]]) -> Any
 
     parts = {}
     for name, state_dict in weights.items():
-        live = getattr(model, name)
+        live = model.part(name)
         with init_empty_weights():
             module = (
                 type(live).from_config(live.config)
@@ -81,28 +72,20 @@ class FullAdapter:
     ):
         self.train_text_encoders = train_text_encoders
         self.text_encoder_lr = text_encoder_lr
-        self.export_dtype = _DTYPES[export_dtype]
+        self.export_dtype = resolve_dtype(export_dtype)
         self.extract_lora_rank = extract_lora_rank
         self.lora_targets = lora_targets
         self.base_weights: dict[str, dict[str, torch.Tensor]] = {}
 
-    @property
-    def fp32_parts(self) -> tuple[str, ...]:
-        return tuple(self.trainable_modules_names())
-
-    def trainable_modules_names(self) -> tuple[str, ...]:
-        return ("unet", *TEXT_ENCODERS) if self.train_text_encoders else ("unet",)
+    def fp32_parts(self, model: Any) -> tuple[str, ...]:
+        return tuple(self.trainable_modules(model))
 
     def _extract_targets(self, model: Any) -> dict[str, dict[str, torch.Tensor]]:
         """The weights a LoRA trainer would adapt, per part (live tensors)."""
         found = {"unet": target_weights(model.unet, resolve_unet_targets(self.lora_targets))}
         if self.train_text_encoders:
-            for name in TEXT_ENCODERS:
-                encoder = getattr(model, name)
-                regex = text_encoder_targets(
-                    encoder.config.num_hidden_layers, hasattr(encoder, "text_projection")
-                )
-                found[name] = target_weights(encoder, regex)
+            for name, encoder in model.text_encoders.items():
+                found[name] = target_weights(encoder, model.family.text_encoder_lora_targets(name, encoder))
         return found
 
     def apply(self, model: Any) -> None:
@@ -117,14 +100,18 @@ class FullAdapter:
             module.requires_grad_(True)
 
     def trainable_modules(self, model: Any) -> dict[str, torch.nn.Module]:
-        return {name: getattr(model, name) for name in self.trainable_modules_names()}
+        return {"unet": model.unet, **(model.text_encoders if self.train_text_encoders else {})}
 
     def param_groups(self, model: Any, lr: float) -> list[dict[str, Any]]:
         groups = [{"name": "unet", "params": list(model.unet.parameters()), "lr": lr}]
         if self.train_text_encoders:
-            params = [p for n in TEXT_ENCODERS for p in getattr(model, n).parameters()]
+            params = [p for encoder in model.text_encoders.values() for p in encoder.parameters()]
             groups.append({"name": "text_encoders", "params": params, "lr": self.text_encoder_lr or lr})
         return groups
+
+    def export_metadata(self) -> dict[str, str]:
+        """Full weights have no network keys: the family's checkpoint keys are added on export."""
+        return {}
 
     def export(
         self,
@@ -133,7 +120,7 @@ class FullAdapter:
         metadata: dict[str, str],
         weights: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> list[Path]:
-        """`path`: single-file SGM checkpoint; `<stem>_diffusers/`; `<stem>.lora.safetensors` if asked.
+        """`path`: the single-file checkpoint; `<stem>_diffusers/`; `<stem>.lora.safetensors` if asked.
 
         `weights`: full state dicts of the trained parts, gathered across processes (see `with_weights`)."""
         if weights:
@@ -142,8 +129,11 @@ class FullAdapter:
             bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
             if bad:
                 raise FloatingPointError(f"{name} weight {bad[0]} is not finite; refusing to export {path}")
+        family = model.family
         save_safetensors_atomic(
-            build_sgm_checkpoint(model, self.export_dtype), path, full_checkpoint_metadata(metadata)
+            family.single_file_state_dict(model, self.export_dtype),
+            path,
+            {**metadata, **family.checkpoint_metadata()},
         )
         written = [path, self._export_diffusers(model, path.with_name(path.stem + "_diffusers"))]
         if self.extract_lora_rank:
@@ -159,23 +149,23 @@ class FullAdapter:
             part: extract_lora(self.base_weights[part], weights, rank, alpha=float(rank))
             for part, weights in tuned.items()
         }
-        config = model.unet.config
         tensors = peft_to_kohya(
             state_dicts,
             float(rank),
-            layers_per_block=config.layers_per_block,
-            up_blocks_with_attention=sum(1 for t in config.up_block_types if "CrossAttn" in t),
+            family=model.family,
+            unet_config=model.unet.config,
             dtype=self.export_dtype,
         )
         name = path.name.removesuffix(".safetensors")
-        save_safetensors_atomic(tensors, path, extracted_lora_metadata(metadata, rank, name))
+        save_safetensors_atomic(tensors, path, extracted_lora_metadata(metadata, model.family, rank, name))
         return path
 
     @staticmethod
     def _export_diffusers(model: Any, folder: Path) -> Path:
-        from loratk.sampling import build_pipeline
+        from diffusers import EulerDiscreteScheduler
 
-        pipe = build_pipeline(model, scheduler="euler")  # the folder users load: Euler, never DDIM
+        # The folder users load samples with Euler, never DDIM (bad SDXL images).
+        pipe = build_pipeline(model, EulerDiscreteScheduler.from_config(model.noise_scheduler.config))
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             pipe.save_pretrained(tmp, safe_serialization=True)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,17 +23,10 @@ from tqdm.auto import tqdm
 
 from loratk.core.checkpoint import TrainState
 from loratk.core.interrupts import StopRequest, TrainingInterrupted
-from loratk.objectives import Objective
+from loratk.core.protocols import EpochHook, Objective, StepHook
 from loratk.plan import TrainPlan
 
 logger = get_logger(__name__)
-
-# (epoch, global_step) -> None, called on every process: gathering sharded weights (FSDP, DeepSpeed ZeRO-3)
-# needs every rank; what a hook writes, it writes on the main process only.
-EpochHook = Callable[[int, int], None]
-StepHook = Callable[
-    [TrainState], None
-]  # after every optimizer step (and after its state was saved), all processes
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,11 +34,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def on_main_process(accelerator: Any, hook: EpochHook) -> EpochHook:
-    """An epoch hook that only the main process runs (sampling, reports)."""
+    """An epoch hook that only the main process runs (sampling, reports); its metrics come from there."""
 
-    def run(epoch: int, global_step: int) -> None:
-        if accelerator.is_main_process:
-            hook(epoch, global_step)
+    def run(epoch: int, global_step: int) -> Mapping[str, float] | None:
+        return hook(epoch, global_step) if accelerator.is_main_process else None
 
     return run
 
@@ -239,6 +231,7 @@ def run_training(
         if state.batches_done:
             batches = accelerator.skip_first_batches(dataloader, state.batches_done)
         window_loss = torch.zeros((), device=accelerator.device)
+        window_logs: dict[str, torch.Tensor] = {}  # the objective's extra scalars, summed on the device
         step_loss = torch.zeros((), device=accelerator.device)
         images = micro_batches = 0
         ids: list[str] = []
@@ -264,6 +257,8 @@ def run_training(
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             window_loss += out.loss.detach()
+            for key, value in out.logs.items():
+                window_logs[key] = window_logs.get(key, 0) + value.detach().float()
             images += out.num_images
             micro_batches += 1
             ids.extend(out.sample_ids)
@@ -285,6 +280,12 @@ def run_training(
                 loss = accelerator.gather(window_loss).mean().item() / micro_batches  # the sync of a log step
                 elapsed = time.perf_counter() - window_start
                 record = {"step": state.global_step, "epoch": epoch, "train/loss": loss}
+                if window_logs:  # one gather for all of them (a log step's host read)
+                    names_logs = sorted(window_logs)
+                    stacked = accelerator.gather(torch.stack([window_logs[k] for k in names_logs])[None])
+                    record.update(
+                        zip(names_logs, (stacked.mean(dim=0) / micro_batches).tolist(), strict=True)
+                    )
                 record.update(
                     {f"lr/{n}": g["lr"] for n, g in zip(names, optimizer.param_groups, strict=True)}
                 )
@@ -302,6 +303,7 @@ def run_training(
                     bar.set_postfix(format_progress(record, names[0]))
                 accelerator.log(record, step=state.global_step)
                 window_loss.zero_()
+                window_logs = {}
                 images = micro_batches = 0
                 ids = []
                 window_start = time.perf_counter()
@@ -320,7 +322,12 @@ def run_training(
                 break
         accelerator.wait_for_everyone()
         for hook in epoch_hooks:
-            hook(epoch, state.global_step)
+            reported = hook(epoch, state.global_step)
+            if reported:  # e.g. an evaluation's metrics, one line per epoch in metrics.jsonl
+                record = {"step": state.global_step, "epoch": epoch, **reported}
+                if main and metrics is not None:
+                    metrics.write(record)
+                accelerator.log(dict(reported), step=state.global_step)
         accelerator.wait_for_everyone()
         state.epoch, state.batches_done = epoch + 1, 0
         if save_state:

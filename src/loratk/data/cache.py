@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from loratk.core.checkpoint import save_safetensors_atomic
 from loratk.data.buckets import Size, Transform
 from loratk.data.images import MAX_PIXELS, ImageLoadError, apply_transform, image_to_tensor, load_image
+from loratk.files import save_safetensors_atomic
 
 CACHE_FORMAT = "1"  # bump when the entry layout changes: old entries are then never read
 
@@ -287,12 +287,20 @@ def _render(request: LatentRequest, max_pixels: int) -> torch.Tensor:
 
 
 class TextEmbeddingCache:
-    """Both encoders' hidden states [77, D1+D2] and the pooled embedding [P] per exact caption text."""
+    """The text conditioning of each exact caption text (for SDXL: both encoders' hidden states [77, D1+D2]
+    and the pooled embedding [P]), one entry per caption, under the names the model family gives them."""
 
-    def __init__(self, root: str | os.PathLike, fingerprint: str, model_id: str = ""):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        fingerprint: str,
+        model_id: str = "",
+        keys: Sequence[str] = ("prompt_embeds", "pooled_prompt_embeds"),
+    ):
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.model_id = model_id
+        self.keys = tuple(keys)
         self.folder = self.root / "text" / fingerprint[:24]
 
     def key(self, text: str) -> str:
@@ -301,33 +309,30 @@ class TextEmbeddingCache:
     def path_for(self, text: str) -> Path:
         return _entry_path(self.folder, self.key(text))
 
-    def load(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, text: str) -> dict[str, torch.Tensor]:
         path = self.path_for(text)
         tensors = _load(path, f"caption {text[:60]!r}")
         _check_loaded(path, tensors, f"caption {text[:60]!r}", None)
-        return tensors["prompt_embeds"], tensors["pooled_prompt_embeds"]
+        return {key: tensors[key] for key in self.keys}
 
     def problem(self, text: str) -> str | None:
-        return check_entry(self.path_for(text), ("prompt_embeds", "pooled_prompt_embeds"))
+        return check_entry(self.path_for(text), self.keys)
 
-    def save(self, text: str, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+    def save(self, text: str, tensors: dict[str, torch.Tensor]) -> None:
         metadata = {
             "loratk.cache_format": CACHE_FORMAT,
             "text": text,
             "model": self.model_id,
             "text_encoders_fingerprint": self.fingerprint,
         }
-        tensors = {
-            "prompt_embeds": embeds.detach().cpu().contiguous(),
-            "pooled_prompt_embeds": pooled.detach().cpu().contiguous(),
-        }
+        tensors = {key: tensors[key].detach().cpu().contiguous() for key in self.keys}
         save_safetensors_atomic(tensors, self.path_for(text), metadata)
 
 
 def build_text_cache(
     cache: TextEmbeddingCache,
     texts: Iterable[str],
-    encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
+    encode: Callable[[list[str]], dict[str, torch.Tensor]],
     *,
     batch_size: int = 16,
     process_index: int = 0,
@@ -345,14 +350,14 @@ def build_text_cache(
         for start in range(0, len(mine), batch_size):
             _stop_if_requested(should_stop)
             batch = mine[start : start + batch_size]
-            embeds, pooled = encode(batch)
+            encoded = encode(batch)
             for i, text in enumerate(batch):
-                if not (torch.isfinite(embeds[i]).all() and torch.isfinite(pooled[i]).all()):
+                if not all(torch.isfinite(value[i]).all() for value in encoded.values()):
                     raise CacheError(
                         f"the text encoders produced NaN/inf for the caption {text[:80]!r}; "
                         "run them in fp32 or bf16 (train.mixed_precision)"
                     )
-                cache.save(text, embeds[i], pooled[i])
+                cache.save(text, {key: value[i] for key, value in encoded.items()})
             bar.update(len(batch))
     # This process's share.
     return CacheStats(total=len(unique), reused=len(shard) - len(mine), built=len(mine), rebuilt=rebuilt)

@@ -1,17 +1,14 @@
 """The data preflight: decode every image, read every caption, assign buckets, find near-duplicates.
 
-Used by `loratk check` (report, CSV, quarantine) and by training before any model loads. Loads no model.
+Used by `loratk check` and by training before any model loads. Loads no model. What the report looks like
+(summary, CSV, quarantine) is in `check_report`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import math
 import os
-import shutil
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,12 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from loratk.data.buckets import Size, assign_bucket, compute_buckets, count_buckets
+from loratk.data.buckets import Size, assign_bucket, compute_buckets
 from loratk.data.captions import (
     METADATA_FILE,
     Manifest,
     Subset,
-    apply_trigger_word,
     read_manifest,
     read_metadata_jsonl,
     resolve_captions,
@@ -37,36 +33,13 @@ from loratk.data.images import (
     ImageLoadError,
     check_min_side,
     decode_image,
+    list_image_files,
     read_image_bytes,
     sniff_image_format,
 )
+from loratk.data.tags import apply_trigger_word
 
-CAPTION_KIND_LABELS = {
-    "caption_missing": "caption missing",
-    "caption_empty": "caption empty or whitespace",
-    "caption_not_utf8": "caption not UTF-8",
-    "caption_unreadable": "caption unreadable",
-}
-# Files that are expected beside images and never sniffed for image content.
 _TEXT_EXTENSIONS = {".txt", ".caption", ".json", ".jsonl", ".csv", ".md", ".toml", ".yaml", ".yml", ".npz"}
-REPORT_COLUMNS = (
-    "path",
-    "subset",
-    "status",
-    "kind",
-    "problem",
-    "width",
-    "height",
-    "format",
-    "bucket",
-    "caption_source",
-    "caption",
-    "sha256",
-    "phash",
-    "near_duplicate_of",
-    "notes",
-    "moved_to",
-)
 
 
 @dataclass(frozen=True)
@@ -223,7 +196,7 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def _similarity(a: ImageReport, b: ImageReport) -> str:
+def similarity(a: ImageReport, b: ImageReport) -> str:
     if a.sha256 == b.sha256:
         return "identical bytes"
     if a.phash is not None and b.phash is not None:
@@ -237,14 +210,17 @@ def _similarity(a: ImageReport, b: ImageReport) -> str:
 def _list_images(subset: Subset, manifests: Sequence[Manifest]) -> tuple[list[Path], list[str]]:
     """Image files directly in the folder, plus any existing file a manifest names; and ignored look-alikes."""
     folder = Path(subset.dir)
-    images, warnings = [], []
+    images, warnings = list_image_files(folder), []
     for path in sorted(folder.iterdir()):
-        if not path.is_file():
+        if not path.is_file() or path.name.startswith("."):
             continue
         suffix = path.suffix.lower()
-        if suffix in IMAGE_EXTENSIONS:
-            images.append(path)
-        elif suffix not in _TEXT_EXTENSIONS and suffix != subset.caption_ext and path.name != METADATA_FILE:
+        if (
+            suffix not in IMAGE_EXTENSIONS
+            and suffix not in _TEXT_EXTENSIONS
+            and suffix != subset.caption_ext
+            and path.name != METADATA_FILE
+        ):
             fmt = sniff_image_format(path)
             if fmt is not None:
                 warnings.append(
@@ -387,179 +363,3 @@ def _group_duplicates(images: Sequence[ImageReport], max_distance: int) -> list[
         sorted(g, key=lambda r: (-(r.width or 0) * (r.height or 0), str(r.path))) for g in groups.values()
     ]
     return sorted((g for g in ordered if len(g) > 1), key=lambda g: (-len(g), str(g[0].path)))
-
-
-# ---------------------------------------------------------------- output: summary, CSV, quarantine
-
-
-def _problem_kind_counts(report: DataReport) -> tuple[Counter, Counter]:
-    images, captions = Counter(), Counter()
-    for image in report.images:
-        for problem in image.problems:
-            if problem.kind in KIND_LABELS:
-                images[problem.kind] += 1
-            else:
-                captions[problem.kind] += 1
-    return images, captions
-
-
-def format_summary(
-    report: DataReport, *, csv_path: Path | None = None, max_lines: int = 50, quarantined: bool = False
-) -> str:
-    """A plain-text report: counts, bad images by reason, captions, bucket histogram, duplicates, problems."""
-    spec = report.spec
-    lines: list[str] = []
-    total = len(report.images)
-    lines.append(f"loratk check: {len(spec.subsets)} folder(s), {total} image(s)")
-    for subset in spec.subsets:
-        members = [r for r in report.images if r.subset == str(subset.dir)]
-        ok = sum(r.ok for r in members)
-        lines.append(
-            f"  {subset.dir}  ({len(members)} images, {ok} ok, captions: {subset.caption_source}"
-            + (f", manifest {subset.manifest}" if subset.manifest else "")
-            + (f", trigger {subset.trigger!r}" if subset.trigger else "")
-            + (f", repeats {subset.repeats}" if subset.repeats != 1 else "")
-            + ")"
-        )
-    image_kinds, caption_kinds = _problem_kind_counts(report)
-    width = 34
-    lines.append("")
-    lines.append("Images")
-    lines.append(f"  {'ok (image and caption)':<{width}}{len(report.good):>6}")
-    lines.append(f"  {'with problems':<{width}}{len(report.bad):>6}")
-    for kind, label in KIND_LABELS.items():
-        if image_kinds[kind]:
-            lines.append(f"  {'bad: ' + label:<{width}}{image_kinds[kind]:>6}")
-    sources = Counter(r.caption_source for r in report.images if r.caption is not None)
-    lines.append("Captions")
-    lines.append(
-        f"  {'from manifest / metadata / sidecar':<{width}}"
-        f"{sources['manifest']:>6} / {sources['metadata']} / {sources['sidecar']}"
-    )
-    for kind, label in CAPTION_KIND_LABELS.items():
-        lines.append(f"  {label:<{width}}{caption_kinds[kind]:>6}")
-    extra = sum(n for k, n in caption_kinds.items() if k not in CAPTION_KIND_LABELS)
-    if extra:
-        lines.append(f"  {'other caption problems':<{width}}{extra:>6}")
-
-    assigned = [r.bucket for r in report.good if r.bucket is not None]  # the images that would train
-    mode = (
-        f"{len(report.buckets)} bucket(s), area {spec.resolution[0]}x{spec.resolution[1]}, step {spec.bucket_step}"
-        + (", no upscale" if spec.bucket_no_upscale else "")
-        if spec.buckets
-        else f"buckets off: every image is resized and cropped to {spec.resolution[0]}x{spec.resolution[1]}"
-    )
-    lines.append(f"Buckets of the usable images ({mode})")
-    histogram = count_buckets(assigned)
-    peak = max((n for _, n in histogram), default=1)
-    for (w, h), n in histogram:
-        bar = "#" * max(1, round(24 * n / peak))
-        lines.append(f"  {f'{w}x{h}':<11} {w / h:>5.2f}  {n:>5}  {bar}")
-    if not histogram:
-        lines.append("  (no usable image)")
-    if report.duplicates:
-        lines.append(f"Near-duplicates (perceptual hash; largest first): {len(report.duplicates)} group(s)")
-        for group in report.duplicates[:max_lines]:
-            first = group[0]
-            rest = ", ".join(f"{r.path} ({_similarity(first, r)})" for r in group[1:])
-            lines.append(f"  {first.path} ~ {rest}")
-    errors = report.error_lines
-    if errors:
-        lines.append(f"Errors ({len(errors)})")
-        lines.extend(f"  {e}" for e in errors[:max_lines])
-        if len(errors) > max_lines:
-            lines.append(f"  ... {len(errors) - max_lines} more in the CSV report")
-    if report.warnings:
-        lines.append(f"Warnings ({len(report.warnings)})")
-        lines.extend(f"  {w}" for w in report.warnings[:max_lines])
-        if len(report.warnings) > max_lines:
-            lines.append(f"  ... {len(report.warnings) - max_lines} more")
-    if csv_path is not None:
-        lines.append(f"Report: {csv_path}")
-    if errors and quarantined:
-        lines.append(f"Result: {len(errors)} error(s) found; the bad images were moved (see below).")
-    elif errors:
-        lines.append(
-            f"Result: {len(errors)} error(s). Fix them, move bad files away with --quarantine DIR, "
-            'or train with data.on_bad_image = "skip".'
-        )
-    else:
-        lines.append("Result: no errors.")
-    return "\n".join(lines)
-
-
-def _row(image: ImageReport) -> dict[str, str]:
-    return {
-        "path": str(image.path),
-        "subset": image.subset,
-        "status": image.status,
-        "kind": ";".join(p.kind for p in image.problems),
-        "problem": " | ".join(p.message for p in image.problems),
-        "width": "" if image.width is None else str(image.width),
-        "height": "" if image.height is None else str(image.height),
-        "format": image.format,
-        "bucket": f"{image.bucket[0]}x{image.bucket[1]}" if image.bucket else "",
-        "caption_source": image.caption_source,
-        "caption": image.caption or "",
-        "sha256": image.sha256,
-        "phash": f"{image.phash:016x}" if image.phash is not None else "",
-        "near_duplicate_of": image.near_duplicate_of,
-        "notes": " | ".join(image.notes),
-        "moved_to": image.moved_to,
-    }
-
-
-def render_csv(images: Sequence[ImageReport], columns: Sequence[str] = REPORT_COLUMNS) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for image in images:
-        writer.writerow(_row(image))
-    return buffer.getvalue()
-
-
-def write_report_csv(
-    images: Sequence[ImageReport], path: Path, columns: Sequence[str] = REPORT_COLUMNS
-) -> None:
-    from loratk.core.checkpoint import atomic_write_text
-
-    atomic_write_text(path, render_csv(images, columns))
-
-
-SKIPPED_COLUMNS = ("path", "subset", "kind", "problem")
-
-
-def _free_name(path: Path) -> Path:
-    if not path.exists():
-        return path
-    for n in range(1, 10_000):
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-    raise FileExistsError(f"{path}: too many files with this name already; empty the quarantine folder")
-
-
-def quarantine_bad_images(report: DataReport, destination: Path) -> list[tuple[Path, Path]]:
-    """Move every image with a problem (and its sidecar caption) under `destination`; never delete anything.
-
-    Files keep their path relative to their image folder, under a folder named after it; a name already
-    taken in `destination` gets a `-N` suffix instead of being overwritten.
-    """
-    moved: list[tuple[Path, Path]] = []
-    subsets = {str(s.dir): s for s in report.spec.subsets}
-    for image in report.bad:
-        if not image.path.exists():
-            continue
-        subset = subsets[image.subset]
-        rel = Path(os.path.relpath(image.path, subset.dir))
-        target = _free_name(destination / Path(subset.dir).name / rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(image.path), str(target))
-        moved.append((image.path, target))
-        image.moved_to = str(target)
-        sidecar = image.path.with_suffix(subset.caption_ext)
-        if sidecar.is_file():
-            sidecar_target = _free_name(target.with_suffix(subset.caption_ext))
-            shutil.move(str(sidecar), str(sidecar_target))
-            moved.append((sidecar, sidecar_target))
-    return moved

@@ -16,21 +16,17 @@ from typing import Any
 import torch
 
 from loratk.data.buckets import SeededBatchSampler, Size, Transform, compute_transform
-from loratk.data.captions import (
-    CaptionError,
-    read_sidecar_caption,
-    shuffle_tags,
-    sidecar_path,
-    tag_shuffle_variant,
-)
+from loratk.data.captions import CaptionError, read_sidecar_caption, sidecar_path
 from loratk.data.images import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
     ImageLoadError,
     apply_transform,
     image_to_tensor,
+    list_image_files,
     load_image,
 )
+from loratk.data.tags import shuffle_tags, tag_shuffle_variant
 
 
 class DataError(ValueError):
@@ -62,7 +58,7 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError([f"{folder}: image folder not found; set data.dir to a folder of images"])
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return list_image_files(folder)
 
 
 def scan_image_folder(
@@ -237,7 +233,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         else:
             item["pixel_values"] = image_to_tensor(apply_transform(self._load(record), transform))
         if self.text_cache is not None:
-            item["prompt_embeds"], item["pooled_prompt_embeds"] = self.text_cache.load(plan.caption)
+            item.update(self.text_cache.load(plan.caption))  # the family's conditioning tensors, by name
         return item
 
 
@@ -251,8 +247,8 @@ def collate_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
         "paths": [item["path"] for item in items],
         "noise_seeds": [item["noise_seed"] for item in items],
     }
-    for key in ("pixel_values", "latents", "prompt_embeds", "pooled_prompt_embeds"):
-        if key in items[0]:
+    for key, value in items[0].items():  # pixels or latents, and cached text conditioning
+        if isinstance(value, torch.Tensor):
             batch[key] = torch.stack([item[key] for item in items])
     return batch
 

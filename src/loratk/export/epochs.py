@@ -11,12 +11,10 @@ from typing import Any
 
 from accelerate.logging import get_logger
 
-from loratk.core.checkpoint import atomic_path
+from loratk.core.protocols import Adapter, Weights
+from loratk.files import atomic_path
 
 logger = get_logger(__name__)
-
-
-Weights = dict[str, dict[str, Any]]  # model part ("unet", "text_encoder", ...) -> its full state dict
 
 
 class EpochExporter:
@@ -30,7 +28,7 @@ class EpochExporter:
     def __init__(
         self,
         *,
-        adapter: Any,
+        adapter: Adapter,
         model: Any,
         run_dir: Path,
         name: str,

@@ -1,4 +1,4 @@
-"""LoRA file layouts: PEFT state dicts -> the kohya layout with SGM UNet names, plus its metadata.
+"""LoRA file layouts: PEFT state dicts -> the kohya layout (SDXL: SGM UNet names), plus the run's metadata.
 
 The kohya/SGM layout is the one that loads completely in diffusers, ComfyUI, Forge, A1111 and kohya
 (shared/REFERENCE.md §1). Reading goes the other way through diffusers' own converters.
@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 _RESNET_PARTS = {
     "conv1": "in_layers.2",
     "conv2": "out_layers.3",
@@ -98,36 +97,37 @@ def peft_to_kohya(
     state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
     alpha: float,
     *,
-    layers_per_block: int = 2,
-    up_blocks_with_attention: int = 2,
+    family: Any,
+    unet_config: Any | None = None,
     dtype: torch.dtype = torch.float16,
 ) -> dict[str, torch.Tensor]:
-    """Convert PEFT LoRA state dicts (keyed by `unet`, `text_encoder`, `text_encoder_2`) to one kohya dict.
+    """Convert PEFT LoRA state dicts (keyed by model part: `unet` and the family's text encoders) to one
+    kohya dict, with the family's key prefixes and module names.
 
-    Keys: `lora_unet_input_blocks_4_1_proj_in.lora_down.weight`, `.lora_up.weight`, and a 0-dim `.alpha`.
-    One alpha for the whole file (diffusers mis-applies per-module alphas).
+    Keys: `lora_unet_input_blocks_4_1_proj_in.lora_down.weight` (SDXL), `.lora_up.weight`, and a 0-dim
+    `.alpha`. One alpha for the whole file (diffusers mis-applies per-module alphas).
     """
     out: dict[str, torch.Tensor] = {}
     for part, sd in state_dicts.items():
-        if part not in PREFIXES:
-            raise ValueError(f"unknown model part {part!r}; expected one of {', '.join(PREFIXES)}")
+        if part not in family.lora_prefixes:
+            raise ValueError(
+                f"unknown model part {part!r}; expected one of {', '.join(family.lora_prefixes)}"
+            )
         for key, tensor in sd.items():
             module, which = _split_peft_key(key)
             if part == "unet":
-                module = diffusers_to_sgm_unet_name(module, layers_per_block, up_blocks_with_attention)
+                module = family.kohya_unet_name(module, unet_config)
             else:
-                module = text_encoder_kohya_name(module)
-            base = PREFIXES[part] + module.replace(".", "_")
+                module = family.kohya_text_encoder_name(module)
+            base = family.lora_prefixes[part] + module.replace(".", "_")
             out[f"{base}.{which}.weight"] = tensor.detach().to("cpu", dtype=dtype).contiguous()
             out[f"{base}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     return out
 
 
-def build_kohya_metadata(
+def build_training_metadata(
     *,
     name: str,
-    rank: int,
-    alpha: float,
     resolution: tuple[int, int],
     base_model: str,
     learning_rate: float,
@@ -142,15 +142,14 @@ def build_kohya_metadata(
     method: str,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Metadata that A1111 (`ss_base_model_version`), Forge (`modelspec.architecture`) and people read."""
+    """What every file of a run records about its training, for people and the tools that list files.
+
+    The adapter adds what the file is (its family's `ss_base_model_version` / `modelspec.architecture`, a
+    LoRA's network keys), so a full checkpoint never carries LoRA keys.
+    """
     width, height = resolution
     meta = {
-        "ss_base_model_version": "sdxl_base_v1-0",
-        "ss_v2": "False",
         "ss_output_name": name,
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(float(alpha)),
         "ss_resolution": f"({width}, {height})",
         "ss_learning_rate": str(learning_rate),
         "ss_optimizer": optimizer,
@@ -161,8 +160,6 @@ def build_kohya_metadata(
         "ss_seed": str(seed),
         "ss_sd_model_name": base_model,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": name,
         "modelspec.resolution": f"{width}x{height}",
         "loratk.version": loratk_version,

@@ -1,14 +1,14 @@
-"""Full SDXL weights (diffusers parts) -> one checkpoint in the original SGM/LDM layout (A1111, ComfyUI).
+"""Full weights (diffusers parts) -> the original SGM/LDM checkpoint layout (A1111, ComfyUI), part by part;
+a model family composes them into its single-file checkpoint.
 
-diffusers ships only the other direction (`loaders/single_file_utils.py`); this is its inverse, proven by a
-round trip through `StableDiffusionXLPipeline.from_single_file` in the tests.
+diffusers ships only the other direction (`loaders/single_file_utils.py`); these are its inverse, proven by
+round trips through `from_single_file` in the tests.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -124,23 +124,3 @@ def convert_open_clip_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> Tensors:
     if sd:
         raise ValueError(f"OpenCLIP-G weights with no SGM name: {sorted(sd)[:3]}")
     return out
-
-
-def build_sgm_checkpoint(model: Any, dtype: torch.dtype = torch.float16) -> Tensors:
-    """All four SDXL parts of `model` (UNet, VAE, CLIP-L, OpenCLIP-G) as one SGM-layout state dict."""
-    unet_config = model.unet.config
-    with_attention = sum(1 for t in unet_config.up_block_types if "CrossAttn" in t)
-    tensors: Tensors = {}
-    tensors.update(
-        convert_unet_to_sgm(
-            model.unet.state_dict(),
-            layers_per_block=unet_config.layers_per_block,
-            up_blocks_with_attention=with_attention,
-        )
-    )
-    tensors.update(
-        convert_vae_to_sgm(model.vae.state_dict(), num_up_blocks=len(model.vae.config.up_block_types))
-    )
-    tensors.update(convert_clip_l_to_sgm(model.text_encoder.state_dict()))
-    tensors.update(convert_open_clip_to_sgm(model.text_encoder_2.state_dict()))
-    return {k: v.detach().to("cpu", dtype=dtype).contiguous() for k, v in tensors.items()}

@@ -1,260 +1,189 @@
-"""Load the SDXL parts that training needs: UNet, VAE, both text encoders and tokenizers, noise scheduler.
+"""The SDXL family: UNet, VAE, CLIP-L and OpenCLIP-G with their tokenizers; prompt encoding with the pooled
+embedding and the time ids; its single-file layout (SGM) and its LoRA key names.
 
-A model is a hub id, a local diffusers folder, a single `.safetensors` checkpoint, or `builtin:tiny-sdxl`.
-All of them go through diffusers' / transformers' own `from_pretrained` / `from_single_file`.
+Conditioning matches `StableDiffusionXLPipeline.encode_prompt`, so what the UNet sees in training is what it
+sees when sampling.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from loratk.models.tiny import TINY_SDXL_ID, materialise_tiny_sdxl
-
-DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class SDXLModel:
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    text_encoder_2: Any
-    tokenizer: Any
-    tokenizer_2: Any
-    noise_scheduler: Any  # DDPM-style scheduler: add_noise and alphas_cumprod for training
-    source: str  # the model path as the user gave it (written into export metadata)
-
-    @property
-    def text_encoders(self) -> tuple[Any, Any]:
-        return (self.text_encoder, self.text_encoder_2)
-
-    @property
-    def tokenizers(self) -> tuple[Any, Any]:
-        return (self.tokenizer, self.tokenizer_2)
-
-    def replace(self, **changes: Any) -> SDXLModel:
-        return dataclasses.replace(self, **changes)
+from loratk.export.formats import diffusers_to_sgm_unet_name, text_encoder_kohya_name
+from loratk.export.single_file import (
+    convert_clip_l_to_sgm,
+    convert_open_clip_to_sgm,
+    convert_unet_to_sgm,
+    convert_vae_to_sgm,
+)
+from loratk.models.family import DiffusionModel, load_model
 
 
-class ModelLoadError(RuntimeError):
-    pass
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's max length: [B, 77]."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
-def resolve_model_path(path: str) -> str:
-    """Turn `builtin:tiny-sdxl` into its cache folder; return anything else unchanged."""
-    return str(materialise_tiny_sdxl()) if path == TINY_SDXL_ID else path
+def encode_prompts(
+    text_encoders: Sequence[torch.nn.Module],
+    tokenizers: Sequence[Any],
+    prompts: Sequence[str],
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run both encoders; returns (prompt_embeds [B, 77, D1+D2], pooled [B, P]) from the penultimate layers."""
+    hidden: list[torch.Tensor] = []
+    pooled = None
+    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
+        ids = tokenize_prompts(tokenizer, prompts).to(device)
+        out = encoder(ids, output_hidden_states=True)
+        if out[0].ndim == 2:  # only CLIPTextModelWithProjection returns a [B, P] first output
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    if pooled is None:
+        raise ValueError(
+            "no text encoder returned a pooled embedding; SDXL needs CLIPTextModelWithProjection"
+        )
+    return torch.cat(hidden, dim=-1), pooled
 
 
-def _is_single_file(path: str) -> bool:
-    return path.endswith((".safetensors", ".sft"))
+def compute_time_ids(
+    original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, target_sizes: torch.Tensor
+) -> torch.Tensor:
+    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample: [B, 6].
 
-
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-
-
-def check_all_weights_loaded(parts: dict[str, Any], where: str) -> None:
-    """Raise `ModelLoadError` naming every weight a loader left unloaded (on the meta device).
-
-    diffusers' single-file loader leaves a weight it found no key for on `meta` without a word, and the
-    run would fail much later with "Cannot copy out of meta tensor".
+    Each input is [B, 2] (height, width) / (top, left), taken from each image's own resize and crop.
     """
-    missing = [
-        f"{name}.{key}"
-        for name, module in parts.items()
-        if isinstance(module, torch.nn.Module)
-        for key, tensor in [*module.named_parameters(), *module.named_buffers()]
-        if tensor.is_meta
-    ]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelLoadError(
-            f"{where}: {len(missing)} weight(s) were not loaded: {shown}. The checkpoint has no weights for "
-            "them, or they were not recognised; check that it is a complete SDXL checkpoint (and that "
-            "model.single_file_config describes it)"
+    return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).float()
+
+
+def _up_blocks_with_attention(unet_config: Any) -> int:
+    return sum(1 for t in unet_config.up_block_types if "CrossAttn" in t)
+
+
+class SDXLFamily:
+    """Stable Diffusion XL 1.0 and its fine-tunes."""
+
+    name = "sdxl"
+    label = "SDXL"
+    pipeline_class = "StableDiffusionXLPipeline"
+    text_encoder_names = ("text_encoder", "text_encoder_2")  # CLIP-L, OpenCLIP-G
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    default_resolution = 1024
+    conditioning_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    lora_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+    def component_classes(self) -> dict[str, str]:
+        return {
+            "unet": "diffusers.UNet2DConditionModel",
+            "vae": "diffusers.AutoencoderKL",
+            "text_encoder": "transformers.CLIPTextModel",
+            "text_encoder_2": "transformers.CLIPTextModelWithProjection",
+            "tokenizer": "transformers.CLIPTokenizer",
+            "tokenizer_2": "transformers.CLIPTokenizer",
+        }
+
+    def pipeline_options(self) -> dict[str, Any]:
+        return {"add_watermarker": False}
+
+    def encode_prompts(
+        self, model: DiffusionModel, prompts: Sequence[str], device: Any
+    ) -> dict[str, torch.Tensor]:
+        embeds, pooled = encode_prompts(
+            list(model.text_encoders.values()), list(model.tokenizers.values()), prompts, device
         )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-
-def load_sdxl(
-    path: str,
-    *,
-    vae: str | None = None,
-    revision: str | None = None,
-    variant: str | None = None,
-    single_file_config: str | None = None,
-) -> SDXLModel:
-    """Load all SDXL parts in fp32 on the CPU; `freeze_and_cast` then places them."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    where = resolve_model_path(path)
-    if where.lower().endswith(PICKLE_SUFFIXES):
-        raise ModelLoadError(
-            f"model.path = {path!r}: a pickle checkpoint ({Path(where).suffix}); loratk loads only "
-            ".safetensors checkpoints and diffusers folders, because loading a pickle can run any code it "
-            "holds. Convert it once with a tool you trust (for example diffusers' "
-            "`StableDiffusionXLPipeline.from_single_file(path).save_pretrained(folder)`), or use the "
-            ".safetensors release of the model"
-        )
-    try:
-        if _is_single_file(where):
-            if not Path(where).is_file():
-                raise FileNotFoundError(f"{where}: no such checkpoint file")
-            kwargs = {"config": resolve_model_path(single_file_config)} if single_file_config else {}
-            pipe = StableDiffusionXLPipeline.from_single_file(where, **kwargs)
-            parts = dict(
-                unet=pipe.unet,
-                vae=pipe.vae,
-                text_encoder=pipe.text_encoder,
-                text_encoder_2=pipe.text_encoder_2,
-                tokenizer=pipe.tokenizer,
-                tokenizer_2=pipe.tokenizer_2,
-                noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+    def batch_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {
+            "time_ids": compute_time_ids(
+                batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"]
             )
-        else:
-            common = dict(revision=revision)
-            weights = dict(common, variant=variant)
-            parts = dict(
-                unet=UNet2DConditionModel.from_pretrained(where, subfolder="unet", **weights),
-                vae=AutoencoderKL.from_pretrained(where, subfolder="vae", **weights),
-                text_encoder=CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **weights),
-                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    where, subfolder="text_encoder_2", **weights
-                ),
-                tokenizer=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **common),
-                tokenizer_2=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2", **common),
-                noise_scheduler=DDPMScheduler.from_pretrained(where, subfolder="scheduler", **common),
-            )
-        if vae:
-            parts["vae"] = AutoencoderKL.from_pretrained(resolve_model_path(vae), **dict(revision=revision))
-    except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = (
-            "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set"
-            if offline
-            else "check the hub id or folder (a diffusers folder has model_index.json and unet/, vae/ ...)"
-        )
-        raise ModelLoadError(
-            f"model.path = {path!r}: could not load the SDXL model: {err}\n  hint: {hint}"
-        ) from err
-    check_all_weights_loaded(parts, where)
-    return SDXLModel(**parts, source=path)
+        }
 
+    def zero_empty_prompts(self) -> bool:
+        # The pipeline feeds zeros for an empty negative prompt (`force_zeros_for_empty_prompt`).
+        return True
 
-def freeze_and_cast(
-    model: SDXLModel, device: torch.device, weight_dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()
-) -> None:
-    """Freeze every weight and move it to `device` in the mixed-precision dtype.
+    def predict(
+        self,
+        unet: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return unet(
+            noisy.to(dtype),
+            timesteps,
+            conditioning["prompt_embeds"].to(dtype),
+            added_cond_kwargs={
+                "text_embeds": conditioning["pooled_prompt_embeds"].to(dtype),
+                # fp32, as kohya does: bf16 rounds sizes before they are embedded (1333 -> 1336).
+                "time_ids": conditioning["time_ids"].float(),
+            },
+        ).sample
 
-    The VAE never runs in fp16 (the SDXL VAE overflows to NaN there): it stays fp32 under fp16, bf16 under bf16.
-    Parts named in `keep_fp32` (fully trained ones) stay in fp32, never rounded through the mixed dtype.
-    """
-    vae_dtype = torch.float32 if weight_dtype == torch.float16 else weight_dtype
-    for name, dtype in (
-        ("unet", weight_dtype),
-        ("text_encoder", weight_dtype),
-        ("text_encoder_2", weight_dtype),
-        ("vae", vae_dtype),
-    ):
-        module = getattr(model, name)
-        dtype = torch.float32 if name in keep_fp32 else dtype
-        module.requires_grad_(False)
-        module.to(device)
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
+    def text_encoder_lora_targets(self, name: str, encoder: Any) -> str:
+        """All four of q, k, v and out per layer (A1111 applies CLIP-G attention LoRA only when all are there).
 
+        SDXL conditions on the penultimate hidden state, so CLIP-L's last layer never gets a gradient;
+        CLIP-G's last layer still feeds the pooled embedding.
+        """
+        num_layers = encoder.config.num_hidden_layers
+        last = num_layers if name == "text_encoder_2" else num_layers - 1
+        layers = "|".join(str(i) for i in range(last))
+        return rf".*encoder\.layers\.({layers})\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
-def enable_text_encoder_checkpointing(encoder: Any) -> None:
-    """Activation checkpointing on a transformers text encoder, with gradients reaching its LoRA layers.
-
-    transformers turns on gradients of the embedding output (which reentrant checkpointing needs to reach
-    the LoRA layers behind frozen embeddings) only for adapters added through its own PEFT integration in
-    some releases; loratk injects through PEFT directly, so it asks for them itself.
-    """
-    # `activation_checkpointing_enable` is the newer name (transformers 5.24 warns on the old one).
-    enable = (
-        getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
-    )
-    enable()
-    encoder.enable_input_require_grads()
-
-
-# ---------------------------------------------------------------- memory and speed ([performance])
-
-ATTENTION_BACKENDS = ("sdpa", "xformers")
-XFORMERS_HINT = "pip install 'loratk[xformers]'"
-
-
-def require_attention_backend(attention: str) -> None:
-    """Fail before any model is loaded when the attention backend cannot run here."""
-    import importlib.util
-
-    if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
-    if attention == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise ImportError(
-            f"performance.attention = 'xformers' needs xformers: {XFORMERS_HINT} "
-            "(or use attention = 'sdpa', PyTorch's own memory-efficient attention)"
+    def kohya_unet_name(self, module: str, unet_config: Any | None = None) -> str:
+        """The SGM name (kohya's SDXL keys); `unet_config` None means SDXL's own layout."""
+        if unet_config is None:
+            return diffusers_to_sgm_unet_name(module)
+        return diffusers_to_sgm_unet_name(
+            module, unet_config.layers_per_block, _up_blocks_with_attention(unet_config)
         )
 
+    def kohya_text_encoder_name(self, module: str) -> str:
+        return text_encoder_kohya_name(module)
 
-def set_tf32(enabled: bool) -> None:
-    """TF32 for fp32 matmuls and cuDNN convolutions (Ampere and newer); no effect on CPUs or older GPUs."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    def lora_metadata(self) -> dict[str, str]:
+        return {
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "ss_v2": "False",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        }
 
+    def checkpoint_metadata(self) -> dict[str, str]:
+        return {**self.lora_metadata(), "modelspec.architecture": "stable-diffusion-xl-v1-base"}
 
-def apply_performance_options(
-    unet: torch.nn.Module,
-    *,
-    attention: str = "sdpa",
-    tf32: bool = True,
-    channels_last: bool = False,
-    compile_unet: bool = False,
-) -> None:
-    """Apply the `[performance]` options to the UNet, in place. Call after the adapter is injected.
-
-    `compile_unet` uses `Module.compile`, which keeps the module (and so its state-dict keys) as it is and
-    compiles on the first forward pass.
-    """
-    require_attention_backend(attention)
-    set_tf32(tf32)
-    if attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
-    else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
-    if compile_unet:
-        unet.compile()
+    def single_file_state_dict(self, model: DiffusionModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """UNet, VAE, CLIP-L and OpenCLIP-G as one SGM-layout checkpoint (`from_single_file`, A1111, ComfyUI)."""
+        config = model.unet.config
+        tensors = convert_unet_to_sgm(
+            model.unet.state_dict(),
+            layers_per_block=config.layers_per_block,
+            up_blocks_with_attention=_up_blocks_with_attention(config),
+        )
+        tensors.update(
+            convert_vae_to_sgm(model.vae.state_dict(), num_up_blocks=len(model.vae.config.up_block_types))
+        )
+        tensors.update(convert_clip_l_to_sgm(model.text_encoder.state_dict()))
+        tensors.update(convert_open_clip_to_sgm(model.text_encoder_2.state_dict()))
+        return {k: v.detach().to("cpu", dtype=dtype).contiguous() for k, v in tensors.items()}
 
 
-def offload_frozen_encoders(
-    model: SDXLModel,
-    device: torch.device | str = "cpu",
-    names: Sequence[str] = ("vae", "text_encoder", "text_encoder_2"),
-) -> list[str]:
-    """Move the VAE and the text encoders to `device` (the CPU by default), unless they train.
+SDXL = SDXLFamily()
 
-    Call once latents and text embeddings are cached: from then on training needs only the UNet on the
-    accelerator. Sampling still needs them, so a sampler must move them back (or run where they are).
-    Returns the names of the parts moved.
-    """
-    moved = []
-    for name in names:
-        module = getattr(model, name)
-        if module is None or any(p.requires_grad for p in module.parameters()):
-            continue
-        module.to(device)
-        moved.append(name)
-    if moved and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return moved
+
+def load_sdxl(path: str, **options: Any) -> DiffusionModel:
+    """An SDXL model from a hub id, folder, single file or `builtin:tiny-sdxl` (see `family.load_model`)."""
+    return load_model(SDXL, path, **options)

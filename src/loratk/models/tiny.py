@@ -174,6 +174,14 @@ def _materialise(name: str, marker: str, save, cache_dir: str | os.PathLike | No
     return target
 
 
+def materialise_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder of a `builtin:` model, built once; ValueError naming the known ones otherwise."""
+    builders = {TINY_SDXL_ID: materialise_tiny_sdxl, TINY_BLIP_ID: materialise_tiny_blip}
+    if name not in builders:
+        raise ValueError(f"unknown built-in model {name!r}; built-in models: {', '.join(builders)}")
+    return builders[name](cache_dir)
+
+
 def materialise_tiny_sdxl(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the folder of the tiny SDXL, building it once (atomically) if it is not there yet."""
     return _materialise(f"tiny-sdxl-v{_TINY_VERSION}", "model_index.json", save_tiny_sdxl, cache_dir)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from loratk.objectives import LossOutput
-from loratk.objectives.denoising import SDXLDenoiser
+from loratk.core.protocols import LossOutput
+from loratk.objectives.denoising import Denoiser
 
 
 class CaptionObjective:
-    def __init__(self, denoiser: SDXLDenoiser):
+    def __init__(self, denoiser: Denoiser):
         self.denoiser = denoiser
 
     def compute_loss(self, batch: dict[str, Any]) -> LossOutput:

@@ -1,4 +1,7 @@
-"""The SDXL denoising step shared by every objective: encode a batch, noise it, predict, per-sample loss."""
+"""The denoising step every objective shares: encode a batch, noise it, predict, per-sample loss.
+
+Family specifics (prompt encoding, extra conditioning, the UNet call) come from the model's family object.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from typing import Any
 
 import torch
 
-from loratk.core.objectives import (
+from loratk.core.diffusion_math import (
     apply_noise_offset,
     compute_min_snr_weights,
     compute_noisy_latents,
@@ -14,11 +17,10 @@ from loratk.core.objectives import (
     compute_snr,
     compute_target,
 )
-from loratk.models.conditioning import compute_time_ids, encode_prompts
 
 
-class SDXLDenoiser:
-    """Holds the (prepared) SDXL parts and the loss options; turns batches into per-sample losses."""
+class Denoiser:
+    """Holds the (prepared) model parts and the loss options; turns batches into per-sample losses."""
 
     def __init__(
         self,
@@ -61,38 +63,35 @@ class SDXLDenoiser:
         scale = vae.config.scaling_factor
         return dist.mean * scale, dist.std * scale
 
-    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The text conditioning of `captions` (what the text-embedding cache stores)."""
         with torch.set_grad_enabled(self.train_text_encoders and torch.is_grad_enabled()):
-            return encode_prompts(self.model.text_encoders, self.model.tokenizers, captions, self.device)
+            return self.model.family.encode_prompts(self.model, captions, self.device)
 
-    def encode_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Batch of pixels/captions (or already-cached latents/embeddings) -> UNet inputs."""
+    def encode_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Batch of pixels/captions (or already-cached latents/embeddings) -> UNet inputs:
+        `latents`, `conditioning` (text and batch conditioning by name) and `noise_seeds` when given."""
+        family = self.model.family
         latents = (
             batch["latents"].to(self.device)
             if "latents" in batch
             else self.encode_latents(batch["pixel_values"])
         )
-        if "prompt_embeds" in batch:
-            embeds, pooled = (
-                batch["prompt_embeds"].to(self.device),
-                batch["pooled_prompt_embeds"].to(self.device),
-            )
+        if all(key in batch for key in family.conditioning_keys):
+            conditioning = {key: batch[key].to(self.device) for key in family.conditioning_keys}
         else:
-            embeds, pooled = self.encode_captions(batch["captions"])
-        # A dropped caption trains the unconditional case as SDXL samples it: the pipeline feeds zeros, not the
-        # encoded empty prompt, for an empty negative prompt (`force_zeros_for_empty_prompt`).
+            conditioning = self.encode_captions(batch["captions"])
+        # A dropped caption trains the unconditional case as the family's pipeline samples it: SDXL's feeds
+        # zeros, not the encoded empty prompt, for an empty negative prompt (`force_zeros_for_empty_prompt`).
         empty = [caption == "" for caption in batch.get("captions", ())]
-        if any(empty):
-            keep = torch.tensor([not e for e in empty], device=embeds.device)
-            embeds = embeds * keep[:, None, None].to(embeds.dtype)
-            pooled = pooled * keep[:, None].to(pooled.dtype)
-        time_ids = compute_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
-        inputs = {
-            "latents": latents,
-            "prompt_embeds": embeds,
-            "pooled": pooled,
-            "time_ids": time_ids.to(self.device),
-        }
+        if any(empty) and family.zero_empty_prompts():
+            keep = torch.tensor([not e for e in empty], device=latents.device)
+            conditioning = {
+                key: value * keep.view(-1, *[1] * (value.ndim - 1)).to(value.dtype)
+                for key, value in conditioning.items()
+            }
+        conditioning.update({k: v.to(self.device) for k, v in family.batch_conditioning(batch).items()})
+        inputs: dict[str, Any] = {"latents": latents, "conditioning": conditioning}
         if "noise_seeds" in batch:
             inputs["noise_seeds"] = batch["noise_seeds"]
         return inputs
@@ -134,16 +133,9 @@ class SDXLDenoiser:
             noise = drawn_noise if noise is None else noise
             timesteps = drawn_timesteps if timesteps is None else timesteps
         noisy = compute_noisy_latents(latents, noise, timesteps, self.alphas_cumprod)
-        prediction = self.model.unet(
-            noisy.to(self.weight_dtype),
-            timesteps,
-            inputs["prompt_embeds"].to(self.weight_dtype),
-            added_cond_kwargs={
-                "text_embeds": inputs["pooled"].to(self.weight_dtype),
-                # fp32, as kohya does: bf16 rounds sizes before they are embedded (1333 -> 1336).
-                "time_ids": inputs["time_ids"].float(),
-            },
-        ).sample
+        prediction = self.model.family.predict(
+            self.model.unet, noisy, timesteps, inputs["conditioning"], self.weight_dtype
+        )
         target = compute_target(latents, noise, timesteps, self.alphas_cumprod, self.prediction_type)
         loss = compute_per_sample_mse(prediction, target)
         if self.min_snr_gamma:

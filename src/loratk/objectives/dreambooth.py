@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from loratk.core.objectives import compute_prior_preservation_loss
-from loratk.objectives import LossOutput
-from loratk.objectives.denoising import SDXLDenoiser
+from loratk.core.diffusion_math import compute_prior_preservation_loss
+from loratk.core.protocols import LossOutput
+from loratk.objectives.denoising import Denoiser
 
 
 class DreamBoothObjective:
@@ -15,7 +15,7 @@ class DreamBoothObjective:
     One UNet forward runs over the whole batch; the per-sample losses are split back into the two halves.
     """
 
-    def __init__(self, denoiser: SDXLDenoiser, *, prior_loss_weight: float = 1.0):
+    def __init__(self, denoiser: Denoiser, *, prior_loss_weight: float = 1.0):
         self.denoiser = denoiser
         self.prior_loss_weight = prior_loss_weight
 

@@ -1,4 +1,4 @@
-"""DreamBooth class images: top up `class_dir` to `num_images` with the base model, through `sampling.py`.
+"""DreamBooth class images: top up `class_dir` to `num_images` with the base model.
 
 Resumable: what is already in the folder counts, and image k always uses seed `seed + k`, so an interrupted
 run continues with exactly the images an uninterrupted one would have made. Each PNG carries its prompt and
@@ -10,14 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loratk.data.images import IMAGE_EXTENSIONS
+from loratk.data.images import list_image_files
 
 
 def list_class_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return list_image_files(folder)
 
 
 def class_image_name(k: int, seed: int) -> str:
@@ -44,15 +41,9 @@ def generate_class_images(
     """Generate the class images `class_dir` lacks (none if it holds `num_images` already); return them."""
     from tqdm.auto import tqdm
 
-    from loratk.sampling import (
-        ImageSpec,
-        _model_modules,
-        build_pipeline,
-        generate_images,
-        image_parameters,
-        sampling_mode,
-        save_png,
-    )
+    from loratk.sampling.images import image_parameters, save_png
+    from loratk.sampling.pipeline import build_pipeline, generate_images, model_modules, sampling_mode
+    from loratk.sampling.specs import ImageSpec
 
     folder = Path(class_dir)
     existing = list_class_images(folder)
@@ -81,7 +72,7 @@ def generate_class_images(
     written: list[Path] = []
     bar = tqdm(total=missing, desc="class images", unit="img", disable=not progress)
     try:
-        with sampling_mode(_model_modules(model)):
+        with sampling_mode(model_modules(model)):
             for batch in batches:
                 # Same index for all: `generate_images` batches specs that differ only in their seed.
                 specs = [
