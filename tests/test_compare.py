@@ -71,9 +71,9 @@ def test_compare_three_methods_prints_the_table_and_writes_html_and_png(three_ru
     assert "(CPU)" in db and "3m00s" in db
     assert dblora.split()[:2] == ["dog-dblora", "dreambooth-lora"] and dblora.split()[-1] == "-"
     assert "note: dog-dblora: no best epoch" in printed
-    columns = [m.span() for m in re.finditer("-+", rule)]  # aligned: text starts, numbers end, at the rule
+    columns = [m.span() for m in re.finditer("-+", rule)]  # aligned: names start, numbers end, at the rule
     for line in [header, *rows[:3]]:
-        assert all(line[a] != " " for a, _ in columns[:3]) and all(line[b - 1] != " " for _, b in columns[3:])
+        assert all(line[a] != " " for a, _ in columns[:2]) and all(line[b - 1] != " " for _, b in columns[2:])
     assert (out / "compare.html").is_file() and (out / "compare.png").is_file()
     labels = read_grid_labels(out / "compare.png")
     assert labels["rows"] == [
