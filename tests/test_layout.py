@@ -20,7 +20,7 @@ FLOORS = [
     {"export"},
     {"models"},
     {"adapters", "objectives"},
-    {"sampling", "captioning"},
+    {"sampling", "captioning", "evaluation"},
     {"recipe", "components"},
     {"run_folder", "run"},
     {"train", "commands", "cli"},
