@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -153,8 +154,15 @@ def save_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
     return folder
 
 
-def _materialise(name: str, marker: str, save, cache_dir: str | os.PathLike | None) -> Path:
-    """Return `<cache>/<name>`, building it once with `save(folder)` (atomically) if it is not there yet."""
+def materialise_folder(
+    name: str, marker: str, save: Callable[[Path], object], cache_dir: str | os.PathLike | None
+) -> Path:
+    """Return `<cache>/<name>`, building it once with `save(folder)` (atomically) if it is not there yet.
+
+    `marker` is a file that `save` writes; its presence means the folder is there (it appears whole, by one
+    rename). The builtin models here and in `evaluation.tiny` are all cached this way; `name` carries a
+    version tag, so a changed builder gets a fresh folder.
+    """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / name
     if (target / marker).is_file():
@@ -184,7 +192,7 @@ def materialise_builtin(name: str, cache_dir: str | os.PathLike | None = None) -
 
 def materialise_tiny_sdxl(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the folder of the tiny SDXL, building it once (atomically) if it is not there yet."""
-    return _materialise(f"tiny-sdxl-v{_TINY_VERSION}", "model_index.json", save_tiny_sdxl, cache_dir)
+    return materialise_folder(f"tiny-sdxl-v{_TINY_VERSION}", "model_index.json", save_tiny_sdxl, cache_dir)
 
 
 # --- BLIP -------------------------------------------------------------------------------------------------
@@ -288,4 +296,6 @@ def save_tiny_blip(folder: str | os.PathLike, seed: int = 0) -> Path:
 
 def materialise_tiny_blip(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the folder of the tiny BLIP, building it once (atomically) if it is not there yet."""
-    return _materialise(f"tiny-blip-v{_TINY_VERSION}", "processor_config.json", save_tiny_blip, cache_dir)
+    return materialise_folder(
+        f"tiny-blip-v{_TINY_VERSION}", "processor_config.json", save_tiny_blip, cache_dir
+    )
