@@ -23,6 +23,7 @@ def make_recipe(
         "lora": {"rank": 4, "alpha": 4},
         "train": {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3, "mixed_precision": "no"},
         "optim": {"name": "adamw"},
+        "eval": {"every_n_epochs": 0},  # image metrics only where a test asks (every_n_epochs=None or N)
     }
     for section, values in sections.items():
         if isinstance(values, dict):
@@ -45,3 +46,19 @@ def copy_examples(target: Path) -> Path:
         entry = json.loads(line)
         (target / entry["file_name"]).with_suffix(".txt").write_text(entry["text"] + "\n")
     return target
+
+
+def step_rows(metrics: Path) -> list[dict[str, Any]]:
+    """The per-step rows of a metrics.jsonl (epoch rows, such as `val/loss` or `time/epoch_s`, left out); a
+    line still being written is skipped."""
+    if not metrics.exists():
+        return []
+    rows = []
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "train/loss" in row:
+            rows.append(row)
+    return rows

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_recipe
+from helpers import make_recipe, step_rows
 from loratk.components.launch import resolve_accumulation
 from loratk.recipe import RecipeError
 
@@ -109,7 +109,7 @@ def test_two_processes_write_the_same_outputs_as_one(tmp_path, tiny_sdxl_dir, im
         return sorted(p.name.replace(run, "NAME") for p in (tmp_path / "runs" / run).iterdir())
 
     assert names("two") == names("one")
-    lines = [json.loads(x) for x in (tmp_path / "runs" / "two" / "metrics.jsonl").read_text().splitlines()]
+    lines = step_rows(tmp_path / "runs" / "two" / "metrics.jsonl")
     assert [r["step"] for r in lines] == [1, 2, 3, 4]  # 6 images / (2 x 2) -> 2 steps per epoch, metrics once
 
 
@@ -209,7 +209,7 @@ def test_kill_and_resume_with_two_processes_ends_with_the_same_weights(tmp_path,
     assert launch().returncode == 0
 
     def trace() -> list[tuple]:
-        lines = [json.loads(x) for x in (tmp_path / "runs/run/metrics.jsonl").read_text().splitlines()]
+        lines = step_rows(tmp_path / "runs/run/metrics.jsonl")
         return [(r["step"], float.hex(r["train/loss"]), float.hex(r["lr/unet"])) for r in lines]
 
     reference, metrics = (tmp_path / "runs/run/epoch2.safetensors").read_bytes(), trace()
@@ -596,7 +596,7 @@ def test_a_run_on_the_fsdp_config_trains_saves_and_resumes_like_ddp(tmp_path, ti
     fsdp("train.epochs=3")
     ddp = _launch(recipe, tmp_path, 2, "name=ddp", "train.epochs=3")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    metrics = [json.loads(x) for x in (tmp_path / "runs" / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    metrics = step_rows(tmp_path / "runs" / "fsdp" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 10))
     for epoch in (2, 3):
         a = _weights(tmp_path / "runs" / "fsdp" / f"epoch{epoch}.safetensors")

@@ -320,3 +320,11 @@ def test_a_browser_renders_the_report(tmp_path):
         dark = sum(1 for v in pixels.getdata() if v < 200) / (128 * 200)
         colors = len(image.convert("RGB").getcolors(1 << 20) or [])
     assert dark > 0.02 and colors > 50  # text, tables and plots, not a white page
+
+
+def test_a_note_made_for_several_epochs_is_listed_once_with_them(tmp_path):
+    run_dir = make_run(tmp_path, image_metrics={1: {"dino": 0.5}, 2: {"dino": 0.6}})
+    rows = [{"epoch": e, "metrics": {"dino": 0.5}, "notes": ["fid: too few images"]} for e in (1, 2)]
+    (run_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, words = parse_page(write_report(run_dir))
+    assert words.count("fid: too few images") == 1 and "epochs 1, 2:" in words

@@ -22,7 +22,7 @@ FLOORS = [
     {"adapters", "objectives"},
     {"sampling", "captioning", "evaluation"},
     {"recipe", "components"},
-    {"run_folder", "run"},
+    {"run_folder", "run", "run_eval"},
     {"train", "commands", "cli"},
 ]
 

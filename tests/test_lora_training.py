@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import make_recipe
+from helpers import make_recipe, step_rows
 from loratk.run import TrainingRun
 
 CONV_AND_LINEAR = [
@@ -193,7 +193,6 @@ def test_diffusers_layout_export_keeps_its_config(tmp_path, tiny_sdxl_dir, image
 
 
 def test_metrics_and_resolved_recipe_are_written(tmp_path, tiny_sdxl_dir, images_dir):
-    import json
 
     from loratk.recipe import dump_recipe, load_recipe, recipe_diff
 
@@ -205,7 +204,7 @@ def test_metrics_and_resolved_recipe_are_written(tmp_path, tiny_sdxl_dir, images
         optim={"scheduler": "linear", "warmup_steps": 0},
     )
     run.train()
-    lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = step_rows(run.run_dir / "metrics.jsonl")
     assert [r["step"] for r in lines] == list(range(1, 7))
     assert {"train/loss", "lr/unet", "perf/images_per_s", "epoch"} <= set(lines[0])
     assert lines[-1]["lr/unet"] < lines[0]["lr/unet"]  # the linear schedule decays

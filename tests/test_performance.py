@@ -4,12 +4,11 @@ and what the loop reports (images/s, peak memory) in metrics.jsonl and the progr
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 import torch
 
-from helpers import make_recipe
+from helpers import make_recipe, step_rows
 from loratk.models.family import freeze_and_cast, offload_frozen_encoders
 from loratk.models.performance import apply_performance_options, require_attention_backend, set_tf32
 from loratk.models.sdxl import load_sdxl
@@ -266,7 +265,7 @@ def test_metrics_and_progress_bar_show_images_per_second_and_peak_memory(
         run.train()
     finally:
         run.cleanup()
-    lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = step_rows(run.run_dir / "metrics.jsonl")
     assert [r["step"] for r in lines] == [1, 2]
     assert all(r["mem/peak_gib"] == 3.25 and r["perf/images_per_s"] > 0 for r in lines)
     assert len(postfixes) == 2

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from helpers import step_rows
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,9 +44,22 @@ def test_quickstart_as_readme_says(tmp_path):
     names = {p.name for p in run.iterdir()}
     assert {"recipe.resolved.toml", "metrics.jsonl", "quickstart.safetensors"} <= names
     assert {"epoch1.safetensors", "epoch2.safetensors", "epoch3.safetensors"} <= names
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    # 3 epochs x 4 batches: with buckets the six images form 80x48 (3), 64x64 (2) and 48x80 (1).
-    assert len(lines) == 12 and all("train/loss" in r and "lr/unet" in r for r in lines)
+    lines = step_rows(run / "metrics.jsonl")
+    # 3 epochs x 3 batches: one of the six images is held out for the validation loss; with buckets the
+    # other five form three batches of at most two.
+    assert len(lines) == 9 and all("train/loss" in r and "lr/unet" in r for r in lines)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val/loss" in r] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in rows if "eval/kid" in r] == [1, 2, 3]
+    evaluated = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in evaluated] == [0, 1, 2, 3]
+    assert {"clip_t", "clip_i", "dino", "kid", "fid", "is", "fd_dinov2", "kid_dinov2"} <= set(
+        evaluated[0]["metrics"]
+    )
+    assert {"psnr", "ssim"} <= set(evaluated[1]["metrics"])  # base vs epoch on the leak prompt
+    assert "val/loss" in proc.stderr and "best epoch:" in proc.stderr
+    report = (run / "report.html").read_text()
+    assert "CLIP-T" in report and "KID" in report and "epoch 3" in report
     assert "loss=" in proc.stderr and "lr=" in proc.stderr  # the tqdm bar shows both
     with safe_open(str(run / "quickstart.safetensors"), "pt") as f:
         assert f.metadata()["ss_output_name"] == "quickstart"

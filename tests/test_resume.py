@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import copy_examples, make_recipe
+from helpers import copy_examples, make_recipe, step_rows
 from loratk.core.checkpoint import MARKER, RunLock, StateError, list_complete_states
 from loratk.core.interrupts import StopRequest
 from loratk.core.loop import NonFiniteLossError
@@ -59,6 +59,7 @@ def _write_recipe(tmp_path: Path, tiny_sdxl_dir: Path, images_dir: Path, name: s
     """A recipe with paths relative to `tmp_path`, so runs in different folders write identical files."""
     assert images_dir == tmp_path / "images"
     train = {"epochs": 2, "learning_rate": 1e-2, "save_state_every_n_steps": 2, **sections.pop("train", {})}
+    sections.setdefault("eval", {"holdout": 1})  # the validation loss must resume exactly too
     recipe = make_recipe(
         tmp_path,
         tiny_sdxl_dir,
@@ -89,10 +90,14 @@ def _drive(recipe: Path, **env: int) -> subprocess.CompletedProcess:
 
 
 def _trace(run_dir: Path) -> tuple[list[tuple], bytes, bytes]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = step_rows(run_dir / "metrics.jsonl")
     steps = [
         (r["step"], float.hex(r["train/loss"]), float.hex(r["lr/unet"]), r["data/batch_sha1"]) for r in lines
     ]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = {r["epoch"]: (r["step"], float.hex(r["val/loss"])) for r in rows if "val/loss" in r}
+    assert sorted(val) == [0, 1, 2], val
+    steps.append(("val", val))
     return steps, (run_dir / "epoch2.safetensors").read_bytes(), (run_dir / "epoch1.safetensors").read_bytes()
 
 
@@ -121,7 +126,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_sdxl_dir, images_dir
     resumed = _drive(recipe)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps, final, first = _trace(tmp_path / "runs" / "run")
-    assert [s[0] for s in steps] == list(range(1, 7))
+    assert [s[0] for s in steps] == [*range(1, 7), "val"]
     assert steps == expected[0]  # losses, learning rates and batch contents
     assert final == expected[1] and first == expected[2]  # adapter bytes
 
@@ -159,7 +164,7 @@ def test_sigterm_saves_a_state_and_exits_143(tmp_path, tiny_sdxl_dir, images_dir
     )
     metrics = tmp_path / "runs" / "term" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+    while time.time() < deadline and len(step_rows(metrics)) < 2:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -223,8 +228,7 @@ def test_changed_math_is_refused_with_a_diff_but_more_epochs_resume(tmp_path, ti
     result = run.train()
     run.cleanup()
     assert result.global_step == 6 and (run.run_dir / "epoch2.safetensors").is_file()
-    lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == list(range(1, 7))
+    assert [r["step"] for r in step_rows(run.run_dir / "metrics.jsonl")] == list(range(1, 7))
     fresh = TrainingRun(changed, overwrite=True)
     fresh.setup()
     assert fresh.state.global_step == 0 and not (fresh.run_dir / "epoch2.safetensors").exists()
@@ -271,7 +275,7 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tmp_path, tiny_sdxl_dir, ima
     run.cleanup()
     assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])  # step 2: no update
     assert not all(torch.equal(snapshots[1][k], snapshots[2][k]) for k in snapshots[1])
-    lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = step_rows(run.run_dir / "metrics.jsonl")
     assert [r["train/nonfinite_steps"] for r in lines] == [0, 1, 1]
     assert lines[1]["train/loss"] is None  # strict JSON, no NaN token
     tensors, _ = load_safetensors(run.run_dir / "epoch1.safetensors")

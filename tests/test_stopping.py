@@ -3,7 +3,6 @@ a grace period, or a signal to the launcher alone. Each run must end with a stat
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_recipe
+from helpers import make_recipe, step_rows
 from loratk.core.checkpoint import list_complete_states
 from loratk.recipe import dump_recipe
 
@@ -48,7 +47,7 @@ def _wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int = 2) -> No
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+        if len(step_rows(metrics)) >= steps:
             return
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.2)
@@ -83,7 +82,7 @@ def _pids_in_group(pgid: int) -> list[int]:
 def _assert_resumable(run_dir: Path) -> None:
     states = list_complete_states(run_dir / "state")
     assert states, "no state was saved"
-    last_logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    last_logged = step_rows(run_dir / "metrics.jsonl")[-1]["step"]
     assert states[0].name == f"step-{last_logged:08d}"  # the state holds every logged step
     assert not list((run_dir / "state").glob(".*.partial"))
 

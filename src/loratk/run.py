@@ -31,6 +31,7 @@ class TrainingRun:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
+        from loratk.components.evaluation import build_image_eval, build_report_hook
         from loratk.components.hooks import build_exporter, build_sampler, load_sample_prompts
         from loratk.components.launch import build_accelerator, check_launch, run_on_main_process
         from loratk.components.methods import method_of
@@ -74,6 +75,17 @@ class TrainingRun:
         )
         # Samples come after the export, from the live model (no reload).
         self.sampler = build_sampler(recipe, self.model, sample_prompts, self.plan.num_epochs, self.stop)
+        self.image_eval = build_image_eval(
+            recipe,
+            self.model,
+            self.dataset,
+            self.sampler,
+            accelerator,
+            weight_dtype=self.weight_dtype,
+            num_epochs=self.plan.num_epochs,
+            stop=self.stop,
+        )
+        self.report = build_report_hook(recipe)
         if recipe.train.report_to:
             accelerator.init_trackers(recipe.name, config={"plan": str(self.plan.as_dict())})
         self.states = StateManager(
@@ -85,26 +97,15 @@ class TrainingRun:
         """Load the base model, place it, make class images from it, then put the adapter in."""
         from accelerate.utils import set_seed
 
-        from loratk.models.family import (
-            enable_text_encoder_checkpointing,
-            family_for_model,
-            freeze_and_cast,
-            load_model,
-        )
+        from loratk.components.strategies import load_recipe_model
+        from loratk.models.family import enable_text_encoder_checkpointing, freeze_and_cast
         from loratk.models.performance import apply_performance_options
 
         recipe, accelerator = self.recipe, self.accelerator
         # The local main process loads first: it alone writes `builtin:` models and hub downloads into the
         # cache (under torch.distributed, `save_pretrained` on other ranks writes no weights).
         with accelerator.local_main_process_first():
-            self.model = load_model(
-                family_for_model(recipe.model.path),
-                recipe.model.path,
-                vae=recipe.model.vae,
-                revision=recipe.model.revision,
-                variant=recipe.model.variant,
-                single_file_config=recipe.model.single_file_config,
-            )
+            self.model = load_recipe_model(recipe)
         self.adapter = self.method.build_adapter(recipe)
         set_seed(recipe.seed)  # adapter initialisation draws from a known RNG state, whatever loading did
         freeze_and_cast(
@@ -172,6 +173,7 @@ class TrainingRun:
         """The denoiser over the prepared (possibly DDP-wrapped) modules, the method's objective on it, and
         the caches (they need the VAE, the text encoders and the plan's epochs: crops and flips are per epoch)."""
         from loratk.components.caches import build_data_caches
+        from loratk.components.evaluation import build_validation
         from loratk.components.strategies import build_denoiser
         from loratk.models.family import offload_frozen_encoders
 
@@ -182,6 +184,14 @@ class TrainingRun:
             recipe, prepared, device=accelerator.device, weight_dtype=self.weight_dtype
         )
         self.objective = self.method.build_objective(recipe, self.denoiser)
+        self.validation = build_validation(
+            recipe,
+            self.model,
+            self.dataset,
+            accelerator,
+            weight_dtype=self.weight_dtype,
+            num_epochs=self.plan.num_epochs,
+        )
         if not self.method.caches:  # DreamBooth's few instance images are encoded per batch
             return
         cached = build_data_caches(
@@ -255,13 +265,23 @@ class TrainingRun:
             return LoopResult(state=state)
         main = self.accelerator.is_main_process
         hooks = [self.exporter]
-        if self.sampler is not None:
-            hooks.append(on_main_process(self.accelerator, self.sampler))
-            if main and self.resume_from is None:
-                self.sampler.start()  # the base model's row of the grid, once per run
-            self.accelerator.wait_for_everyone()
+        if self.validation is not None:
+            hooks.append(self.validation)  # every process: a sharded model needs them all
+        fresh = self.resume_from is None
+        for hook in (self.sampler, self.image_eval):
+            if hook is None:
+                continue
+            hooks.append(on_main_process(self.accelerator, hook))
+            if main and fresh:
+                hook.start()  # the base model's samples and their scores, once per run
+        hooks.append(on_main_process(self.accelerator, self.report))
+        self.accelerator.wait_for_everyone()
         resume_step = self.state.global_step if self.resume_from else None
         metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if main else None, resume_step=resume_step)
+        if self.validation is not None and self.resume_from is None:
+            base = self.validation.compute()  # the base model's
+            metrics.write({"step": 0, "epoch": 0, "val/loss": base})
+            self.logger.info(f"base model: val/loss {base:.5f}", main_process_only=True)
         try:
             result = run_training(
                 self.accelerator,
@@ -285,6 +305,8 @@ class TrainingRun:
             )
         finally:
             metrics.close()
+        if main:
+            self.report.finish()  # with the last epoch's time and memory; names the best epoch
         self.logger.info(
             f"done: {result.global_step} steps; outputs in {self.run_dir}", main_process_only=True
         )

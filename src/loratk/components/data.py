@@ -89,11 +89,16 @@ def check_data_once(recipe: Recipe, accelerator: Any) -> Any:
 def build_dataset(recipe: Recipe, report: Any = None) -> Any:
     """The training dataset from the good images of a preflight report (run here if not given)."""
     from loratk.data.dataset import ImageCaptionDataset, Record
+    from loratk.data.holdout import split_holdout
 
     report = report if report is not None else check_data(recipe)
     subsets = report.spec.subsets
-    records = [
-        Record(
+    good, held = split_holdout(
+        report.good, [image.path for image in report.good], recipe.eval.holdout, recipe.seed
+    )
+
+    def record(image: Any) -> Record:
+        return Record(
             path=image.path,
             caption=image.caption,
             size=image.size,
@@ -102,11 +107,10 @@ def build_dataset(recipe: Recipe, report: Any = None) -> Any:
             subset=image.subset,
             trigger=subsets[image.subset_index].trigger,
         )
-        for image in report.good
-        for _ in range(subsets[image.subset_index].repeats)
-    ]
+
+    records = [record(image) for image in good for _ in range(subsets[image.subset_index].repeats)]
     data = recipe.data
-    return ImageCaptionDataset(
+    dataset = ImageCaptionDataset(
         records,
         data.size,
         center_crop=data.center_crop,
@@ -118,6 +122,8 @@ def build_dataset(recipe: Recipe, report: Any = None) -> Any:
         tag_shuffle_variants=data.tag_shuffle_variants,
         max_pixels=data.max_pixels,
     )
+    dataset.held_out = [record(image) for image in held]  # the validation loss's images
+    return dataset
 
 
 def build_caption_data(recipe: Recipe, accelerator: Any) -> tuple[Any, Any]:
@@ -142,10 +148,12 @@ def build_dreambooth_dataset(recipe: Recipe) -> Any:
     """Instance images (sidecar caption, else the instance prompt); class images are attached later, by
     `prepare_class_images`."""
     from loratk.data.dreambooth import DreamBoothDataset, scan_instance_folder
+    from loratk.data.holdout import split_holdout
 
     data, db = recipe.data, recipe.dreambooth
     records = scan_instance_folder(db.instance_dir, db.instance_prompt, data.caption_ext)
-    return DreamBoothDataset(
+    records, held = split_holdout(records, [r.path for r in records], recipe.eval.holdout, recipe.seed)
+    dataset = DreamBoothDataset(
         [r for r in records for _ in range(data.repeats)],
         data.size,
         center_crop=data.center_crop,
@@ -153,6 +161,8 @@ def build_dreambooth_dataset(recipe: Recipe) -> Any:
         caption_dropout=data.caption_dropout,
         seed=recipe.seed,
     )
+    dataset.held_out = held  # the validation loss's images
+    return dataset
 
 
 def build_instance_data(recipe: Recipe, accelerator: Any) -> tuple[Any, Any]:
@@ -277,3 +287,41 @@ def build_folder_spec(
         min_side=min_side,
     )
     return spec, notes
+
+
+def captioned_folder_records(recipe: Recipe, folder: Path) -> list[Any]:
+    """The good images of a captioned folder (`eval.folder`), checked like `loratk check FOLDER` with the
+    recipe's caption and bucket settings; an image with a problem is an error that names it."""
+    from loratk.data.check import run_preflight
+    from loratk.data.dataset import DataError, Record
+
+    data = recipe.data
+    spec, _ = build_folder_spec(
+        folder,
+        resolution=data.size,
+        min_side=data.min_side,
+        caption_ext=data.caption_ext,
+        trigger=data.trigger,
+        bucket_step=data.bucket_step,
+        buckets=data.buckets,
+    )
+    report = run_preflight(spec)
+    skip = recipe.data.on_bad_image == "skip"
+    fatal = report.problems + ([] if skip else report.error_lines[len(report.problems) :])
+    if fatal or not report.good:
+        raise DataError(
+            fatal or [f"{folder}: no usable image"],
+            hint=f"run `loratk check {folder}`",
+            what="the validation images (eval.folder)",
+        )
+    return [
+        Record(path=i.path, caption=i.caption, size=i.size, bucket=i.bucket, sha256=i.sha256, subset=i.subset)
+        for i in report.good
+    ]
+
+
+def instance_folder_records(recipe: Recipe, folder: Path) -> list[Any]:
+    """Validation images of a DreamBooth run: sidecar captions, else the instance prompt."""
+    from loratk.data.dreambooth import scan_instance_folder
+
+    return scan_instance_folder(folder, recipe.dreambooth.instance_prompt, recipe.data.caption_ext)

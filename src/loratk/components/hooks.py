@@ -18,10 +18,45 @@ def load_sample_prompts(recipe: Recipe) -> list[Any]:
     return [parse_prompt_line(line) for line in recipe.sample.prompts]
 
 
-def build_sampler(recipe: Recipe, model: Any, prompts: list[Any], num_epochs: int, stop: Any = None) -> Any:
-    """The epoch hook that renders `[sample]` prompts, or None when the recipe has no prompts."""
+def build_sampler(
+    recipe: Recipe,
+    model: Any,
+    prompts: list[Any],
+    num_epochs: int,
+    stop: Any = None,
+    run_dir: Path | None = None,
+) -> Any:
+    """The epoch hook that renders `[sample]` prompts into `run_dir/samples` (default: the recipe's run
+    folder), or None when the recipe has no prompts."""
     if not prompts:
         return None
+    cfg = recipe.sample
+    return build_render_hook(
+        recipe,
+        model,
+        prompts,
+        (run_dir or recipe.run_dir) / "samples",
+        seeds=cfg.seeds,
+        every_n_epochs=cfg.every_n_epochs,
+        num_epochs=num_epochs,
+        at_start=cfg.at_start,
+        stop=stop,
+    )
+
+
+def build_render_hook(
+    recipe: Recipe,
+    model: Any,
+    prompts: list[Any],
+    samples_dir: Path,
+    *,
+    seeds: list[int],
+    every_n_epochs: int,
+    num_epochs: int,
+    at_start: bool,
+    stop: Any = None,
+) -> Any:
+    """A hook that renders `prompts` x `seeds` with the `[sample]` settings into `samples_dir`."""
     from loratk.sampling.hook import SampleHook
     from loratk.sampling.specs import expand_prompts
 
@@ -29,7 +64,7 @@ def build_sampler(recipe: Recipe, model: Any, prompts: list[Any], num_epochs: in
     width, height = recipe.sample_size
     specs = expand_prompts(
         prompts,
-        seeds=cfg.seeds,
+        seeds=seeds,
         width=width,
         height=height,
         steps=cfg.steps,
@@ -39,11 +74,11 @@ def build_sampler(recipe: Recipe, model: Any, prompts: list[Any], num_epochs: in
     return SampleHook(
         model=model,
         specs=specs,
-        samples_dir=recipe.run_dir / "samples",
+        samples_dir=samples_dir,
         scheduler=cfg.scheduler,
-        every_n_epochs=cfg.every_n_epochs,
+        every_n_epochs=every_n_epochs,
         num_epochs=num_epochs,
-        at_start=cfg.at_start,
+        at_start=at_start,
         model_name=recipe.model.path,
         prediction_type=recipe.model.prediction_type,
         should_stop=(lambda: stop.requested) if stop is not None else None,

@@ -27,6 +27,7 @@ class Method:
         [Recipe, Any], tuple[Any, Any]
     ]  # (recipe, accelerator) -> (dataset, preflight report)
     build_dataloader: Callable[[Recipe, Any], Any]
+    validation_records: Callable[[Recipe, Any], list[Any]]  # (recipe, eval.folder) -> its images
     check: Callable[[Recipe], list[str]]  # recipe problems of this method, each "key: what to do"
     section: str | None = None  # the recipe section the method needs
     caches: bool = True  # latent and text-embedding caches apply (a few instance images: no)
@@ -85,6 +86,7 @@ def _builders() -> dict[str, Method]:  # the registry
                 build_objective=strategies.build_caption_objective,
                 build_data=data.build_caption_data,
                 build_dataloader=data.build_caption_dataloader,
+                validation_records=data.captioned_folder_records,
                 check=_check_captioned_folders,
             ),
             Method(
@@ -96,6 +98,7 @@ def _builders() -> dict[str, Method]:  # the registry
                 build_objective=strategies.build_dreambooth_objective,
                 build_data=data.build_instance_data,
                 build_dataloader=data.build_dreambooth_dataloader,
+                validation_records=data.instance_folder_records,
                 check=_check_instances,
                 section="dreambooth",
                 caches=False,
@@ -111,6 +114,7 @@ def _builders() -> dict[str, Method]:  # the registry
                 build_objective=strategies.build_dreambooth_objective,
                 build_data=data.build_instance_data,
                 build_dataloader=data.build_dreambooth_dataloader,
+                validation_records=data.instance_folder_records,
                 check=_check_instances,
                 section="dreambooth",
                 caches=False,

@@ -9,6 +9,29 @@ if TYPE_CHECKING:
     from loratk.recipe import Recipe
 
 
+def load_recipe_model(recipe: Recipe, path: str | None = None) -> Any:
+    """The recipe's base model (its VAE, revision, variant), fp32 on the CPU; `path`: a checkpoint of the same
+    model instead (an epoch's full single file), read with the base model's configs."""
+    from loratk.models.family import family_for_model, load_model
+
+    cfg = recipe.model
+    if path is not None:
+        return load_model(
+            family_for_model(cfg.path),
+            path,
+            vae=cfg.vae,
+            single_file_config=cfg.single_file_config or cfg.path,
+        )
+    return load_model(
+        family_for_model(cfg.path),
+        cfg.path,
+        vae=cfg.vae,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        single_file_config=cfg.single_file_config,
+    )
+
+
 def build_lora_adapter(recipe: Recipe) -> Any:
     from loratk.adapters.lora import LoraAdapter
 

@@ -96,6 +96,20 @@ def compute_peak_memory_gib() -> float | None:
     return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
 
 
+def epoch_usage(started: float) -> dict[str, float]:
+    """An epoch's wall time (training and its hooks) and the peak memory so far: the GPU's reserved memory,
+    or without one this process's peak resident set."""
+    import resource
+
+    usage = {"time/epoch_s": time.perf_counter() - started}
+    peak_gib = compute_peak_memory_gib()
+    if peak_gib is not None:
+        usage["mem/peak_gib"] = peak_gib
+    else:  # Linux reports kibibytes
+        usage["mem/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return usage
+
+
 def format_progress(record: dict[str, Any], first_group: str) -> dict[str, str]:
     """The progress bar's postfix: loss, lr, images/s and (on a GPU) peak memory."""
     postfix = {
@@ -225,6 +239,7 @@ def run_training(
 
     while not state.finished(plan.total_steps, plan.num_epochs):
         epoch = state.epoch
+        epoch_started = time.perf_counter()
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(epoch)
         batches = dataloader
@@ -321,7 +336,11 @@ def run_training(
             if state.global_step >= plan.total_steps:
                 break
         accelerator.wait_for_everyone()
-        for hook in epoch_hooks:
+        hooks = [
+            *epoch_hooks,
+            lambda _epoch, _step, t=epoch_started: epoch_usage(t),
+        ]  # usage: after the hooks
+        for hook in hooks:
             reported = hook(epoch, state.global_step)
             if reported:  # e.g. an evaluation's metrics, one line per epoch in metrics.jsonl
                 record = {"step": state.global_step, "epoch": epoch, **reported}

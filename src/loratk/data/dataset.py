@@ -32,15 +32,16 @@ from loratk.data.tags import shuffle_tags, tag_shuffle_variant
 class DataError(ValueError):
     """Problems found in the training data, all of them, one line each."""
 
-    def __init__(self, problems: list[str], hint: str = ""):
+    def __init__(self, problems: list[str], hint: str = "", what: str = "the training data"):
         self.problems = problems
         self.hint = hint
+        self.what = what
         lines = "\n".join(f"  {p}" for p in problems)
         tail = f"\n  hint: {hint}" if hint else ""
-        super().__init__(f"{len(problems)} problem(s) in the training data:\n{lines}{tail}")
+        super().__init__(f"{len(problems)} problem(s) in {what}:\n{lines}{tail}")
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable, so the main process can hand it to the others
-        return (DataError, (self.problems, self.hint))
+        return (DataError, (self.problems, self.hint, self.what))
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         max_pixels: int = MAX_PIXELS,
     ):
         self.records = list(records)
+        self.held_out: list[Record] = []  # images kept out of training for the validation loss
         self.size = size
         self.center_crop = center_crop
         self.random_flip = random_flip

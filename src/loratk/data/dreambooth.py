@@ -48,6 +48,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             caption_dropout=caption_dropout,
             seed=seed,
         )
+        self.held_out: list[Record] = []  # instance images kept out of training for the validation loss
         self.size = size
         self.center_crop = center_crop
         self.random_flip = random_flip

@@ -19,13 +19,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from loratk.evaluation.defaults import DEFAULT_CLIP, DEFAULT_DINO
+from loratk.evaluation.defaults import EVALUATOR_KINDS as KINDS
 from loratk.evaluation.tiny import BUILTIN_EVALUATORS, materialise_tiny_evaluator
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-DEFAULT_DINO = "facebook/dino-vits16"
-DEFAULT_DINOV2 = "facebook/dinov2-base"
-DEFAULT_INCEPTION = "torch-fidelity"
-KINDS = ("clip", "dino", "dinov2", "inception")
 # How the Inception evaluator resizes (evaluation.inception). Resizing alone moves FID by several points
 # (clean-fid), so record this beside every FID / KID / IS: numbers from another resize do not compare.
 INCEPTION_RESIZE = "PIL bicubic 299x299"

@@ -130,11 +130,7 @@ def _metrics_table(summary: RunSummary, metrics: list[Metric], best: BestEpoch |
         css = "base" if epoch == 0 else "best" if is_best else ""
         cells = "".join(f'<td class="num">{escape(format_entry(row, m))}</td>' for m in metrics)
         counts = escape(_counts_text(summary.counts.get(epoch, {})))
-        notes = "<br>".join(escape(n) for n in summary.notes.get(epoch, []))
-        rows.append(
-            f'<tr class="{css}"><td>{escape(label)}</td>{cells}<td>{counts}</td>'
-            f'<td class="notes">{notes}</td></tr>'
-        )
+        rows.append(f'<tr class="{css}"><td>{escape(label)}</td>{cells}<td>{counts}</td></tr>')
     if not rows:
         return "<p>Nothing recorded yet.</p>"
     legend = "".join(
@@ -143,11 +139,26 @@ def _metrics_table(summary: RunSummary, metrics: list[Metric], best: BestEpoch |
         for m in metrics
     )
     return (
-        f"<table><thead><tr><th>epoch</th>{head}<th>images</th><th>notes</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
+        f"<table><thead><tr><th>epoch</th>{head}<th>images</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>{_notes(summary)}"
         '<p class="sub">- not computed; nan: recorded as non-finite; ↑ higher is better, ↓ lower is better.'
         f"</p><dl>{legend}</dl>{_settings(summary)}"
     )
+
+
+def _notes(summary: RunSummary) -> str:
+    """The evaluator's notes under the table, each once with the epochs it was made for."""
+    epochs_of: dict[str, list[int]] = {}
+    for epoch in summary.epochs:
+        for note in summary.notes.get(epoch, []):
+            epochs_of.setdefault(note, []).append(epoch)
+    if not epochs_of:
+        return ""
+    items = "".join(
+        f"<li><strong>{'epoch' if len(e) == 1 else 'epochs'} {', '.join(map(str, e))}:</strong> {escape(n)}</li>"
+        for n, e in epochs_of.items()
+    )
+    return f'<h3>Notes</h3><ul class="notes">{items}</ul>'
 
 
 def _settings(summary: RunSummary) -> str:

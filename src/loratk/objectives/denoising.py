@@ -122,10 +122,13 @@ class Denoiser:
         inputs: dict[str, torch.Tensor],
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
+        *,
+        weighted: bool = True,
     ) -> torch.Tensor:
-        """Noise the latents, predict with the UNet, return the weighted MSE per sample [B].
+        """Noise the latents, predict with the UNet, return the (Min-SNR weighted) MSE per sample [B].
 
-        Noise and timesteps are drawn (see `draw_noise`) unless given (a fixed evaluation set passes them).
+        Noise and timesteps are drawn (see `draw_noise`) unless given (a fixed evaluation set passes them);
+        `weighted=False` gives the plain MSE, comparable across runs whatever their loss weighting.
         """
         latents = inputs["latents"].float()
         if noise is None or timesteps is None:
@@ -138,7 +141,7 @@ class Denoiser:
         )
         target = compute_target(latents, noise, timesteps, self.alphas_cumprod, self.prediction_type)
         loss = compute_per_sample_mse(prediction, target)
-        if self.min_snr_gamma:
+        if self.min_snr_gamma and weighted:
             snr = compute_snr(timesteps, self.alphas_cumprod)
             loss = loss * compute_min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)
         return loss

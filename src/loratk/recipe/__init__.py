@@ -5,6 +5,7 @@ Nothing changes a recipe after loading; derived numbers live in `plan.py`. The s
 reading, writing and comparing in `loading`, the wording of errors in `messages`.
 """
 
+from loratk.recipe.evaluation import EvalConfig
 from loratk.recipe.loading import (
     RESUMABLE_CHANGES,
     apply_override,
@@ -37,6 +38,7 @@ __all__ = [
     "RESUMABLE_CHANGES",
     "DataConfig",
     "DreamBoothConfig",
+    "EvalConfig",
     "ExportConfig",
     "FullConfig",
     "LoraConfig",

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from loratk.recipe.evaluation import EvalConfig
 from loratk.recipe.messages import EXPECTED_TYPES, RecipeError, describe, describe_type, error_path
 from loratk.recipe.schema import Recipe
 
@@ -165,6 +166,8 @@ RESUMABLE_CHANGES = (
     "performance.",  # speed and memory only (an OOM'd run can resume with other settings)
     "export.",
     "sample.",
+    # Evaluation reads the weights and never changes them; only the held-out share changes the training set.
+    *(f"eval.{key}" for key in EvalConfig.model_fields if key != "holdout"),
 )
 
 

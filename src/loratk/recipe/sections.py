@@ -47,6 +47,21 @@ class ModelConfig(Section):
     )
 
 
+def check_training_prompts(value: list[str]) -> list[str]:
+    """Prompt lines rendered during training: each must parse, and none may name a LoRA (the trained one is
+    the only LoRA applied)."""
+    from loratk.prompts import TRAINING_LORA_TAGS, parse_prompt_line
+
+    for number, line in enumerate(value, start=1):
+        try:
+            spec = parse_prompt_line(line)
+        except ValueError as err:
+            raise ValueError(f"prompt {number}: {err}") from None
+        if spec.loras:
+            raise ValueError(f"prompt {number}: {TRAINING_LORA_TAGS}")
+    return value
+
+
 CaptionSource = Literal["auto", "sidecar", "manifest", "metadata"]
 
 
@@ -333,19 +348,7 @@ class SampleConfig(Section):
     scheduler: Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"] = "euler"
     size: int | tuple[int, int] | None = Field(None, description="default: data.resolution")
 
-    @field_validator("prompts")
-    @classmethod
-    def _check_prompts(cls, value: list[str]) -> list[str]:
-        from loratk.prompts import TRAINING_LORA_TAGS, parse_prompt_line
-
-        for number, line in enumerate(value, start=1):
-            try:
-                spec = parse_prompt_line(line)
-            except ValueError as err:
-                raise ValueError(f"prompt {number}: {err}") from None
-            if spec.loras:
-                raise ValueError(f"prompt {number}: {TRAINING_LORA_TAGS}")
-        return value
+    _check_prompts = field_validator("prompts")(classmethod(lambda cls, v: check_training_prompts(v)))
 
     @field_validator("size")
     @classmethod
