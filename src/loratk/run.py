@@ -98,7 +98,12 @@ class TrainingRun:
         # cache (under torch.distributed, `save_pretrained` on other ranks writes no weights).
         with accelerator.local_main_process_first():
             self.model = load_model(
-                family_for_model(recipe.model.path),
+                family_for_model(
+                    recipe.model.path,
+                    recipe.model.family,
+                    single_file_config=recipe.model.single_file_config,
+                    revision=recipe.model.revision,
+                ),
                 recipe.model.path,
                 vae=recipe.model.vae,
                 revision=recipe.model.revision,

@@ -32,6 +32,10 @@ from loratk.models.family import (
 AUTO = "auto"
 
 
+class FamilyMismatchError(ModelLoadError):
+    """An explicit `model.family` that the model's files contradict."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a model's files say about it."""
@@ -95,17 +99,27 @@ def classify_diffusers(pipeline: str | None, unet: dict[str, Any], where: str) -
             encoder = "CLIP-L" if width == 768 else "OpenCLIP-H"
             return family, f"{pipeline} with cross-attention {width} ({encoder})"
         if unet.get("use_linear_projection"):
-            return "sd2", f"{pipeline} with linear transformer projections (as SD 2.x), cross-attention {width}"
-        return "sd1", f"{pipeline} with convolutional transformer projections (as SD 1.x), cross-attention {width}"
+            return (
+                "sd2",
+                f"{pipeline} with linear transformer projections (as SD 2.x), cross-attention {width}",
+            )
+        return (
+            "sd1",
+            f"{pipeline} with convolutional transformer projections (as SD 1.x), cross-attention {width}",
+        )
     known = ", ".join(f.label for f in families().values())
-    raise ModelLoadError(f"{where}: a {pipeline or 'model without a pipeline class'}; loratk trains {known} models")
+    raise ModelLoadError(
+        f"{where}: a {pipeline or 'model without a pipeline class'}; loratk trains {known} models"
+    )
 
 
 def _info_from_configs(read: Any, where: str) -> ModelInfo:
     """`read(name, required)` -> a config dict, or None when the file is absent (or, not required, unreadable)."""
     index = read("model_index.json", True)
     if index is None:
-        raise ModelLoadError(f"{where}: no model_index.json; a diffusers model folder has one (and unet/, vae/ ...)")
+        raise ModelLoadError(
+            f"{where}: no model_index.json; a diffusers model folder has one (and unet/, vae/ ...)"
+        )
     unet = read("unet/config.json", True) or {}
     family, evidence = classify_diffusers(index.get("_class_name"), unet, where)
     vae = read("vae/config.json", False) or {}
@@ -154,7 +168,9 @@ def _info_from_single_file(path: Path, config: str | None, revision: str | None)
             keys, metadata = list(f.keys()), dict(f.metadata() or {})  # noqa: SIM118
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{path}: cannot read it as safetensors ({err})") from None
-    family = next((name for prefix, name in _TEXT_ENCODER_PREFIXES if any(k.startswith(prefix) for k in keys)), None)
+    family = next(
+        (name for prefix, name in _TEXT_ENCODER_PREFIXES if any(k.startswith(prefix) for k in keys)), None
+    )
     if family is None:
         raise ModelLoadError(
             f"{path}: not a Stable Diffusion checkpoint loratk knows: no text-encoder keys under "
@@ -173,11 +189,15 @@ def _info_from_single_file(path: Path, config: str | None, revision: str | None)
     if architecture and architecture[0] == family:
         return ModelInfo(family, architecture[1], architecture[2], evidence + " and modelspec.architecture")
     side, prediction = _SINGLE_FILE_DEFAULTS[family]
-    prediction = {"v": "v_prediction", "epsilon": "epsilon"}.get(metadata.get("modelspec.prediction_type"), prediction)
+    prediction = {"v": "v_prediction", "epsilon": "epsilon"}.get(
+        metadata.get("modelspec.prediction_type"), prediction
+    )
     return ModelInfo(family, side, prediction, evidence)
 
 
-def detect_model(path: str, *, single_file_config: str | None = None, revision: str | None = None) -> ModelInfo:
+def detect_model(
+    path: str, *, single_file_config: str | None = None, revision: str | None = None
+) -> ModelInfo:
     """What the files of the model at `path` say; `ModelLoadError` naming the path when they cannot be read."""
     where = resolve_model_path(path) if path.startswith("builtin:") else path
     refuse_pickle(path, where)
@@ -217,9 +237,11 @@ def resolve_family(
     except ModelLoadError:
         if requested == AUTO or not _HUB_ID.match(path) or Path(path).exists():
             raise
-        return family_of(requested), None  # an unreachable hub id: trust the explicit family; loading will tell
+        return family_of(
+            requested
+        ), None  # an unreachable hub id: trust the explicit family; loading will tell
     if requested not in (AUTO, info.family):
-        raise ModelLoadError(
+        raise FamilyMismatchError(
             f"model.family = {requested!r}, but model.path = {path!r} is an {family_of(info.family).label} "
             f"model ({info.evidence}); set model.family = {info.family!r} (or 'auto', which reads it from the files)"
         )

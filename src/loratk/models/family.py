@@ -77,7 +77,9 @@ class ModelFamily(Protocol):
     pipeline_class: str  # the diffusers pipeline, e.g. "StableDiffusionXLPipeline"
     text_encoder_names: tuple[str, ...]  # pipeline component names, in order
     tokenizer_names: tuple[str, ...]
-    default_resolution: int  # the side the family was trained at (1024 for SDXL; a model's own UNet says more)
+    default_resolution: (
+        int  # the side the family was trained at (1024 for SDXL; a model's own UNet says more)
+    )
     conditioning_keys: tuple[str, ...]  # what `encode_prompts` returns (and the text cache stores)
     lora_prefixes: dict[str, str]  # model part -> kohya key prefix (lora_unet_, lora_te1_ ...)
 

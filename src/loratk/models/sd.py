@@ -82,7 +82,9 @@ class StableDiffusionFamily:
     ) -> dict[str, torch.Tensor]:
         """[B, 77, D]: the encoder's output hidden state, as the pipeline computes it (D = 768 / 1024)."""
         encoder, tokenizer = model.text_encoder, model.tokenizer
-        if not getattr(encoder.config, "use_attention_mask", False):  # the pipeline's rule (SD's configs: off)
+        if not getattr(
+            encoder.config, "use_attention_mask", False
+        ):  # the pipeline's rule (SD's configs: off)
             return {"prompt_embeds": encoder(tokenize_prompts(tokenizer, prompts).to(device))[0]}
         tokens = tokenizer(
             list(prompts),

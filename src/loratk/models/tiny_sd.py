@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loratk.models.tiny import TINY_VAE_CONFIG, _materialise, _text_config, build_tiny_tokenizer
+from loratk.models.tiny import TINY_VAE_CONFIG, _text_config, build_tiny_tokenizer, materialise_folder
 
 TINY_SD15_ID = "builtin:tiny-sd15"
 TINY_SD2_ID = "builtin:tiny-sd2"
@@ -39,7 +39,11 @@ TINY_SD15_UNET_CONFIG = dict(
 # SD 2.x: OpenCLIP-H width (1024 there, 48 here), heads growing with the width (5, 10, 20, 20 there), Linear
 # proj_in / proj_out. The 768-v model's UNet is larger (sample size 96 vs 64: 12 vs 8 here).
 TINY_SD2_UNET_CONFIG = dict(
-    _UNET_BLOCKS, sample_size=8, attention_head_dim=(2, 4, 4, 4), cross_attention_dim=48, use_linear_projection=True
+    _UNET_BLOCKS,
+    sample_size=8,
+    attention_head_dim=(2, 4, 4, 4),
+    cross_attention_dim=48,
+    use_linear_projection=True,
 )
 TINY_SD1_WIDTH, TINY_SD2_WIDTH = 32, 48
 
@@ -65,8 +69,12 @@ class TinySpec:
 
 
 TINY_SD_MODELS: dict[str, TinySpec] = {
-    TINY_SD15_ID: TinySpec("tiny-sd15", TINY_SD15_UNET_CONFIG, TINY_SD1_WIDTH, "quick_gelu", "PNDMScheduler", "epsilon"),
-    TINY_SD2_ID: TinySpec("tiny-sd2", TINY_SD2_UNET_CONFIG, TINY_SD2_WIDTH, "gelu", "DDIMScheduler", "epsilon"),
+    TINY_SD15_ID: TinySpec(
+        "tiny-sd15", TINY_SD15_UNET_CONFIG, TINY_SD1_WIDTH, "quick_gelu", "PNDMScheduler", "epsilon"
+    ),
+    TINY_SD2_ID: TinySpec(
+        "tiny-sd2", TINY_SD2_UNET_CONFIG, TINY_SD2_WIDTH, "gelu", "DDIMScheduler", "epsilon"
+    ),
     TINY_SD2_V_ID: TinySpec(
         "tiny-sd2-v",
         dict(TINY_SD2_UNET_CONFIG, sample_size=12),
@@ -121,7 +129,7 @@ def save_tiny_sd(folder: str | os.PathLike, tiny_id: str = TINY_SD15_ID, seed: i
 def materialise_tiny_sd(tiny_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the cache folder of a tiny SD model, building it once (atomically) if it is not there yet."""
     spec = TINY_SD_MODELS[tiny_id]
-    return _materialise(
+    return materialise_folder(
         f"{spec.name}-v{_TINY_SD_VERSION}",
         "model_index.json",
         lambda folder: save_tiny_sd(folder, tiny_id),
