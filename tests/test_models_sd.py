@@ -259,6 +259,25 @@ def test_lora_trains_and_its_kohya_file_reloads_in_diffusers(
             _te_out(pipe.text_encoder, pipe.tokenizer), trained_te, rtol=1e-3, atol=1e-5
         )
 
+    # `loratk sample` finds the base model in the file's metadata and renders through the family's pipeline.
+    from PIL import Image
+
+    from loratk.prompts import PromptSpec, parse_parameters
+    from loratk.sampling.command import run_sample
+
+    result = run_sample(
+        prompts=[PromptSpec("a red sun")],
+        loras=[path],
+        seeds=[1],
+        steps=2,
+        out_dir=tmp_path / "s",
+        progress=False,
+    )
+    assert result.model == str(tiny_dirs[tiny]) and len(result.images) == 1
+    with Image.open(result.images[0]) as image:
+        assert image.size == recipe.data.size
+        assert parse_parameters(image.info["parameters"])["Model"] == str(tiny_dirs[tiny])
+
 
 @pytest.mark.parametrize("tiny", [TINY_SD15_ID, TINY_SD2_ID])
 def test_full_dreambooth_exports_a_single_file_that_reloads_in_diffusers(
