@@ -48,15 +48,14 @@ from typing import Any
 
 import torch
 
-from loratk.models.base_configs import (
-    SD15_UNET_CONFIG,
-    SDXL_BASE_UNET_CONFIG,
-    SDXL_BASE_UNET_PARAMETERS,
-)
+from loratk.models import base_configs
 
 # The full-size SDXL 1.0 base UNet, built from its config (random weights, nothing downloaded).
-SDXL_UNET_CONFIG = SDXL_BASE_UNET_CONFIG
-SDXL_UNET_PARAMETERS = SDXL_BASE_UNET_PARAMETERS
+SDXL_UNET_CONFIG = base_configs.SDXL_BASE_UNET_CONFIG
+SDXL_UNET_PARAMETERS = base_configs.SDXL_BASE_UNET_PARAMETERS
+# The full-size SD 1.5 UNet, the same way (configurations e and f).
+SD15_UNET_CONFIG = base_configs.SD15_UNET_CONFIG
+SD15_UNET_PARAMETERS = base_configs.SD15_UNET_PARAMETERS
 
 # The recipe's defaults (`train.max_grad_norm`, `dreambooth.prior_loss_weight`).
 MAX_GRAD_NORM = 1.0

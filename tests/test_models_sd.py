@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import copy_examples
+from helpers import REPO, copy_examples
 from loratk.models.tiny_sd import TINY_SD2_ID, TINY_SD2_V_ID, TINY_SD15_ID, save_tiny_sd
 from loratk.recipe import RecipeError, validate_recipe
 from loratk.run import TrainingRun
@@ -352,9 +352,9 @@ def test_kohya_and_single_file_keys_cover_a_full_size_sd15():
 
     from loratk.adapters.lora_layers import resolve_unet_targets
     from loratk.export.extract import target_weights
-    from loratk.export.formats import peft_to_kohya
+    from loratk.export.formats import diffusers_to_sgm_unet_name, peft_to_kohya
     from loratk.models.base_configs import SD15_CLIP_L_CONFIG, SD15_UNET_CONFIG, SD15_UNET_PARAMETERS
-    from loratk.models.sd import SD1
+    from loratk.models.sd import SD1, up_blocks_with_attention
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
@@ -411,7 +411,29 @@ def test_kohya_and_single_file_keys_cover_a_full_size_sd15():
     ldm = SD1.convert_parts(meta_sd["unet"], {}, meta_sd["te"], unet_config=unet.config, num_vae_up_blocks=4)
     unet_back = convert_ldm_unet_checkpoint(ldm, unet.config)
     assert set(unet_back) == set(meta_sd["unet"])
+    # A1111 resolves a kohya SD 1.x name (`lora_unet_down_blocks_0_attentions_0_...`) to the original module
+    # (`input_blocks.1.1....`) it patches: each LoRA target has one in the checkpoint layout.
+    originals = {k.removesuffix(".weight") for k in ldm if k.startswith("model.diffusion_model.")}
+    as_original = {
+        "model.diffusion_model." + diffusers_to_sgm_unet_name(name, 2, up_blocks_with_attention(unet.config))
+        for name in targets["unet"]
+    }
+    assert len(as_original) == len(targets["unet"]) and as_original <= originals
     te_back = convert_ldm_clip_checkpoint(ldm)
     assert {k.removeprefix("text_model.") for k in te_back} == {
         k for k in meta_sd["te"] if "position_ids" not in k
     }
+
+
+def test_check_a_recipe_on_an_sd_model_uses_the_models_side(tmp_path, tiny_dirs, capsys, monkeypatch):
+    """`loratk check` on a recipe without data.resolution checks for the model's own side (no weights load)."""
+    from loratk.cli import main as cli_main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'name = "r"\noutput_dir = "{tmp_path}"\n[model]\npath = "{tiny_dirs[TINY_SD2_V_ID]}"\n'
+        f'[data]\ndir = "examples/quickstart"\nmanifest = "captions/quickstart.jsonl"\nbucket_step = 16\n'
+    )
+    monkeypatch.chdir(REPO)
+    assert cli_main(["check", str(recipe), "--no-duplicates"]) == 0
+    assert "area 96x96" in capsys.readouterr().out
