@@ -437,3 +437,24 @@ def test_check_a_recipe_on_an_sd_model_uses_the_models_side(tmp_path, tiny_dirs,
     monkeypatch.chdir(REPO)
     assert cli_main(["check", str(recipe), "--no-duplicates"]) == 0
     assert "area 96x96" in capsys.readouterr().out
+
+
+def test_sd_run_resumed_after_an_epoch_ends_as_the_uninterrupted_one(tmp_path, tiny_dirs, few_images):
+    from safetensors.torch import load_file
+
+    def train(name: str, epochs: int) -> TrainingRun:
+        recipe = _recipe(tmp_path, tiny_dirs[TINY_SD15_ID], few_images, "lora", train={"epochs": epochs})
+        run = TrainingRun(recipe.model_copy(update={"name": name}))
+        run.setup()
+        starts.append(run.state.global_step)
+        run.train()
+        run.cleanup()
+        return run
+
+    starts: list[int] = []
+    whole = train("whole", 2)
+    train("resumed", 1)
+    resumed = train("resumed", 2)  # the same run folder: resumes from the state after epoch 1
+    assert starts == [0, 0, 1]
+    got, want = (load_file(str(r.run_dir / "epoch2.safetensors")) for r in (resumed, whole))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
