@@ -141,6 +141,12 @@ def test_one_step_loss_matches_a_hand_computation(tiny_dirs, tiny):
         target = noise if tiny == TINY_SD15_ID else acp.sqrt() * noise - (1 - acp).sqrt() * latents
         expected = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # Samples and class images come from a scheduler that predicts what the model was trained to predict.
+    from loratk.sampling.pipeline import build_pipeline
+
+    sampler = build_pipeline(model)
+    assert type(sampler).__name__ == "StableDiffusionPipeline"
+    assert sampler.scheduler.config.prediction_type == denoiser.prediction_type
 
 
 def test_sd2_conditions_on_the_layers_diffusers_keeps(tiny_dirs):
