@@ -464,3 +464,32 @@ def test_sd_run_resumed_after_an_epoch_ends_as_the_uninterrupted_one(tmp_path, t
     assert starts == [0, 0, 1]
     got, want = (load_file(str(r.run_dir / "epoch2.safetensors")) for r in (resumed, whole))
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_single_file_without_config_keeps_the_prediction_its_metadata_states(
+    tmp_path, tiny_dirs, monkeypatch
+):
+    """diffusers takes any SD 2.x file for the 768-v model when no config is given; an SD 2.x 512 file that
+    says so in `modelspec.architecture` trains and samples with epsilon."""
+    from diffusers import StableDiffusionPipeline
+
+    from loratk.models.family import load_model
+    from loratk.models.sd import SD2
+
+    model = _load(tiny_dirs[TINY_SD2_ID])
+    single = tmp_path / "sd2-512.safetensors"
+    save_file(
+        model.family.single_file_state_dict(model, torch.float32), str(single), SD2.checkpoint_metadata(model)
+    )
+    as_768_v = StableDiffusionPipeline.from_pretrained(tiny_dirs[TINY_SD2_V_ID], safety_checker=None)
+    seen = {}
+
+    def from_single_file(cls, path, **kwargs):  # what diffusers gives for an SD 2.x file, offline-free
+        seen.update(kwargs)
+        return as_768_v
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(from_single_file))
+    assert load_model(SD2, str(single)).noise_scheduler.config.prediction_type == "epsilon"
+    assert "config" not in seen
+    given = load_model(SD2, str(single), single_file_config=str(tiny_dirs[TINY_SD2_V_ID]))
+    assert given.noise_scheduler.config.prediction_type == "v_prediction"  # an explicit config wins

@@ -196,6 +196,19 @@ def _class(qualified: str) -> Any:
     return getattr(importlib.import_module(library), name)
 
 
+def _stated_prediction(where: str, single_file_config: str | None) -> dict[str, str]:
+    """The prediction type a single file's own metadata states, where no config says it.
+
+    Without a config diffusers describes every SD 2.x file as the 768-v model (v-prediction); a file with
+    `modelspec.architecture` (kohya's, loratk's) says whether it is the 512 epsilon model instead.
+    """
+    if single_file_config:
+        return {}
+    from loratk.models.detection import detect_model
+
+    return {"prediction_type": detect_model(where).prediction_type}
+
+
 def load_model(
     family: ModelFamily,
     path: str,
@@ -218,7 +231,9 @@ def load_model(
             kwargs = {"config": resolve_model_path(single_file_config)} if single_file_config else {}
             pipe = _class(f"diffusers.{family.pipeline_class}").from_single_file(where, **kwargs)
             parts = {name: getattr(pipe, name) for name in names}
-            parts["noise_scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
+            parts["noise_scheduler"] = DDPMScheduler.from_config(
+                pipe.scheduler.config, **_stated_prediction(where, single_file_config)
+            )
         else:
             common = dict(revision=revision)
             weights = dict(common, variant=variant)
