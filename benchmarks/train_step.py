@@ -1,4 +1,4 @@
-"""Training-step speed and memory: the real loratk step on an SDXL UNet with random weights.
+"""Training-step speed and memory: the real loratk step on an SDXL or SD 1.5 UNet with random weights.
 
     python benchmarks/train_step.py                                   # CPU: tiny smoke of every configuration
     python benchmarks/train_step.py --full-size --memory-cap-gib 24   # GPU: full-size UNet, a 24 GiB card
@@ -19,6 +19,9 @@ on batches shaped as `collate_dreambooth` makes them ((d): 2 instance + 2 class 
 fused backward step (`optim.fused_backward`: each weight steps from its gradient hook, so the full set of
 gradients is never held). Unlike a real DreamBooth run, which encodes its few images every batch, the batches
 here come cached: the benchmark times the UNet step, not the VAE or the text encoders.
+
+(e) and (f) are the same steps on SD 1.5 (its UNet from its config; CLIP-L embeddings, no pooled embedding or
+time ids): LoRA rank 32 at 512², batch 8, and full DreamBooth at 512², batch 4 (goal: 10 GiB or less).
 
 Profiling: after the timed steps, `--profile DIR` runs one more step to warm the profiler up, then traces
 `--profile-steps` (3) steps with `torch.profiler` (CPU and, on a GPU, CUDA activity; shapes recorded, no
@@ -45,11 +48,14 @@ from typing import Any
 
 import torch
 
-from loratk.models.base_configs import SDXL_BASE_UNET_CONFIG, SDXL_BASE_UNET_PARAMETERS
+from loratk.models import base_configs
 
 # The full-size SDXL 1.0 base UNet, built from its config (random weights, nothing downloaded).
-SDXL_UNET_CONFIG = SDXL_BASE_UNET_CONFIG
-SDXL_UNET_PARAMETERS = SDXL_BASE_UNET_PARAMETERS
+SDXL_UNET_CONFIG = base_configs.SDXL_BASE_UNET_CONFIG
+SDXL_UNET_PARAMETERS = base_configs.SDXL_BASE_UNET_PARAMETERS
+# The full-size SD 1.5 UNet, the same way (configurations e and f).
+SD15_UNET_CONFIG = base_configs.SD15_UNET_CONFIG
+SD15_UNET_PARAMETERS = base_configs.SD15_UNET_PARAMETERS
 
 # The recipe's defaults (`train.max_grad_norm`, `dreambooth.prior_loss_weight`).
 MAX_GRAD_NORM = 1.0
@@ -85,6 +91,7 @@ class BenchConfig:
     gradient_checkpointing: bool = True
     prior_preservation: bool = False
     fused_backward: bool = False  # optim.fused_backward: each weight steps inside backward
+    family: str = "sdxl"  # the model family whose UNet trains: "sdxl" | "sd1"
 
     @property
     def what(self) -> str:
@@ -113,7 +120,31 @@ CONFIGS = (
         4,
         prior_preservation=True,
     ),
+    BenchConfig("e", "SD 1.5 LoRA r{rank} all-linear, Adafactor", "lora", 512, 512, 8, rank=32, family="sd1"),
+    BenchConfig(
+        "f",
+        "SD 1.5 full DreamBooth, Adafactor",
+        "dreambooth",
+        512,
+        512,
+        4,
+        rank=None,
+        fused_backward=True,
+        family="sd1",
+    ),
 )
+
+
+def unet_config_of(config: BenchConfig, *, tiny: bool) -> dict[str, Any]:
+    """The UNet `config` trains: its family's full-size base model, or the family's tiny model."""
+    from loratk.models.tiny import TINY_UNET_CONFIG
+    from loratk.models.tiny_sd import TINY_SD15_UNET_CONFIG
+
+    table = {
+        "sdxl": (SDXL_UNET_CONFIG, TINY_UNET_CONFIG),
+        "sd1": (SD15_UNET_CONFIG, TINY_SD15_UNET_CONFIG),
+    }
+    return table[config.family][1 if tiny else 0]
 
 
 def tiny_version(config: BenchConfig) -> BenchConfig:
@@ -150,7 +181,7 @@ def build_unet(config: dict[str, Any], device: torch.device, *, seed: int = 0) -
 def build_noise_scheduler() -> Any:
     from diffusers import DDPMScheduler
 
-    # SDXL base's training schedule.
+    # SDXL base's training schedule (SD 1.5's is the same).
     return DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -160,13 +191,12 @@ def build_noise_scheduler() -> Any:
     )
 
 
-def build_model(unet: torch.nn.Module) -> Any:
-    """An SDXL model holding only the UNet: cached latents and embeddings need no VAE or text encoder."""
-    from loratk.models.family import DiffusionModel
-    from loratk.models.sdxl import SDXL
+def build_model(unet: torch.nn.Module, family: str = "sdxl") -> Any:
+    """A `family` model holding only the UNet: cached latents and embeddings need no VAE or text encoder."""
+    from loratk.models.family import DiffusionModel, family_of
 
     return DiffusionModel(
-        family=SDXL,
+        family=family_of(family),
         unet=unet,
         vae=None,
         text_encoders={},
@@ -176,14 +206,17 @@ def build_model(unet: torch.nn.Module) -> Any:
     )
 
 
-def _pooled_dim(unet_config: dict[str, Any]) -> int:
+def _pooled_dim(unet_config: dict[str, Any]) -> int | None:
+    """SDXL's pooled embedding width; None for a UNet without added conditioning (SD 1.x/2.x)."""
+    if "projection_class_embeddings_input_dim" not in unet_config:
+        return None
     return unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
 
 
 def make_cached_batch(
     unet_config: dict[str, Any], width: int, height: int, batch_size: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """A batch as the latent and text-embedding caches deliver it."""
+    """A batch as the latent and text-embedding caches deliver it (SDXL's: also pooled embeddings and sizes)."""
     pooled_dim = _pooled_dim(unet_config)
     generator = torch.Generator().manual_seed(0)
     sizes = torch.tensor([[height, width]] * batch_size)
@@ -192,11 +225,12 @@ def make_cached_batch(
             batch_size, 4, height // 8, width // 8, generator=generator
         ),  # [B, 4, H/8, W/8]
         "prompt_embeds": torch.randn(batch_size, 77, unet_config["cross_attention_dim"], generator=generator),
-        "pooled_prompt_embeds": torch.randn(batch_size, pooled_dim, generator=generator),
         "original_sizes": sizes,
         "crop_top_lefts": torch.zeros_like(sizes),
         "target_sizes": sizes,
     }
+    if pooled_dim is not None:
+        batch["pooled_prompt_embeds"] = torch.randn(batch_size, pooled_dim, generator=generator)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -219,7 +253,7 @@ def make_dreambooth_batch(
 
     def example(kind: str, index: int) -> dict[str, Any]:
         # One item as `ImageCaptionDataset.__getitem__` returns it from the latent and text caches.
-        return {
+        item = {
             "caption": f"a {kind} prompt",
             "original_size": (height, width),
             "crop_top_left": (0, 0),
@@ -228,8 +262,10 @@ def make_dreambooth_batch(
             "noise_seed": int(torch.randint(0, 2**62, (1,), generator=generator)),
             "latents": torch.randn(4, height // 8, width // 8, generator=generator),  # [4, H/8, W/8]
             "prompt_embeds": torch.randn(77, unet_config["cross_attention_dim"], generator=generator),
-            "pooled_prompt_embeds": torch.randn(_pooled_dim(unet_config), generator=generator),
         }
+        if _pooled_dim(unet_config) is not None:
+            item["pooled_prompt_embeds"] = torch.randn(_pooled_dim(unet_config), generator=generator)
+        return item
 
     num_instance = batch_size // 2 if prior_preservation else batch_size
     items = [
@@ -334,7 +370,7 @@ def build_step(
     else:
         unet.to(dtype=weight_dtype)
         adapter = LoraAdapter(rank=config.rank, alpha=float(config.rank), targets=config.targets)
-        model = build_model(unet)
+        model = build_model(unet, config.family)
         adapter.apply(model)  # LoRA weights in fp32, the frozen base in `weight_dtype`
         groups = adapter.param_groups(model, 1e-4)
     if config.gradient_checkpointing:
@@ -355,7 +391,9 @@ def build_step(
         build_lr_scheduler(optimizer, "constant", warmup_steps=0, total_steps=1)
     )
     unet_dtype = full_dtype if config.rank is None else weight_dtype
-    objective = build_objective(config, build_model(prepared_unet), device=device, weight_dtype=unet_dtype)
+    objective = build_objective(
+        config, build_model(prepared_unet, config.family), device=device, weight_dtype=unet_dtype
+    )
     batch = make_step_batch(config, unet_config, device)
     num_trainable = sum(p.numel() for g in groups for p in g["params"])
     return Step(prepared_unet, objective, optimizer, lr_scheduler, batch, num_trainable)
@@ -402,7 +440,7 @@ def count_flops_per_image_on_meta(unet_config: dict[str, Any], config: BenchConf
     unet = build_unet(unet_config, meta)
     unet.requires_grad_(False)
     unet.to(dtype=torch.bfloat16)
-    model = build_model(unet)
+    model = build_model(unet, config.family)
     if config.rank is None:
         unet.requires_grad_(True)
     else:
@@ -584,8 +622,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="tiny UNet, 1/8 sizes (the default without CUDA)")
-    size.add_argument("--full-size", action="store_true", help="full-size SDXL UNet (the default with CUDA)")
-    parser.add_argument("--configs", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    size.add_argument(
+        "--full-size", action="store_true", help="full-size SDXL / SD 1.5 UNets (the default with CUDA)"
+    )
+    parser.add_argument("--configs", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 GPU, 3 CPU)")
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed steps first (default: 3 GPU, 1 CPU)"
@@ -644,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _meta_flops(configs: list[BenchConfig]) -> int:
     for config in configs:
-        flops = count_flops_per_image_on_meta(SDXL_UNET_CONFIG, config)
+        flops = count_flops_per_image_on_meta(unet_config_of(config, tiny=False), config)
         row = {"config": config.key, "what": config.what, "width": config.width, "height": config.height}
         row.update(tflop_per_image=flops / 1e12, tflop_per_step=flops * config.batch_size / 1e12)
         print(json.dumps(row), flush=True)
@@ -655,7 +695,6 @@ def _run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from loratk.core.precision import DTYPES
-    from loratk.models.tiny import TINY_UNET_CONFIG
 
     cuda = torch.cuda.is_available()
     tiny = args.tiny or not (args.full_size or cuda)
@@ -676,7 +715,8 @@ def _run(args: argparse.Namespace) -> int:
     wanted = [k.strip() for k in args.configs.split(",") if k.strip()]
     unknown = sorted(set(wanted) - {c.key for c in CONFIGS})
     if unknown:
-        print(f"error: unknown configuration(s) {unknown}; choose from a, b, c, d", file=sys.stderr)
+        choices = ", ".join(c.key for c in CONFIGS)
+        print(f"error: unknown configuration(s) {unknown}; choose from {choices}", file=sys.stderr)
         return 2
     configs = [c for c in CONFIGS if c.key in wanted]
     if args.meta_flops:
@@ -695,10 +735,9 @@ def _run(args: argparse.Namespace) -> int:
         configs = [tiny_version(c) for c in configs]
     if args.no_checkpointing:
         configs = [replace(c, gradient_checkpointing=False) for c in configs]
-    unet_config = TINY_UNET_CONFIG if tiny else SDXL_UNET_CONFIG
     header = {
         "device": device_name,
-        "unet": "tiny" if tiny else "full-size SDXL",
+        "unet": "tiny" if tiny else "full-size",
         "mixed_precision": mixed_precision,
         "full_dtype": full_dtype,
         "memory_cap_gib": None if (args.no_memory_cap or device.type != "cuda") else args.memory_cap_gib,
@@ -713,7 +752,7 @@ def _run(args: argparse.Namespace) -> int:
         row = run_config(
             accelerator,
             config,
-            unet_config,
+            unet_config_of(config, tiny=tiny),
             steps=steps,
             warmup=warmup,
             weight_dtype=DTYPES[mixed_precision],

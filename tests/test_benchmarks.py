@@ -56,7 +56,7 @@ def test_tiny_smoke_runs_every_configuration_through_the_training_loop(bench, tm
     report = json.loads(out.read_text())
     rows = {r["config"]: r for r in report["rows"]}
     assert report["header"]["unet"] == "tiny"
-    assert set(rows) == {"a", "b", "c", "d"}
+    assert set(rows) == {"a", "b", "c", "d", "e", "f"}
     for row in rows.values():
         assert row["status"] == "ok" and row["nonfinite_steps"] == 0
         assert row["s_per_step"] > 0 and row["images_per_s"] > 0 and row["tflop_per_step"] > 0
@@ -65,7 +65,9 @@ def test_tiny_smoke_runs_every_configuration_through_the_training_loop(bench, tm
     # Full fine-tuning trains every UNet weight; LoRA far fewer.
     assert rows["c"]["trainable_parameters"] > 4 * rows["b"]["trainable_parameters"]
     assert rows["d"]["prior_preservation"]
-    assert {k for k, r in rows.items() if r["fused_backward"]} == {"c"}
+    assert {k for k, r in rows.items() if r["fused_backward"]} == {"c", "f"}
+    assert {k for k, r in rows.items() if r["family"] == "sd1"} == {"e", "f"}
+    assert rows["f"]["trainable_parameters"] > 4 * rows["e"]["trainable_parameters"]
     # (d) does (b)'s UNet work per step: same size, rank and images (1 instance + 1 class), so FLOPs match.
     assert rows["d"]["tflop_per_step"] == rows["b"]["tflop_per_step"]
     # The labels say the rank the tiny mode trains (8), not the full-size one.
@@ -79,9 +81,12 @@ def test_configurations_are_the_issue_s(bench):
         "b": ("lora", 1024, 1024, 8, 128, "adafactor"),
         "c": ("dreambooth", 1024, 1024, 4, None, "adafactor"),
         "d": ("dreambooth-lora", 1024, 1024, 4, 128, "adafactor"),
+        "e": ("lora", 512, 512, 8, 32, "adafactor"),
+        "f": ("dreambooth", 512, 512, 4, None, "adafactor"),
     }
+    assert {c.key: c.family for c in bench.CONFIGS if c.family != "sdxl"} == {"e": "sd1", "f": "sd1"}
     assert all(c.gradient_checkpointing and c.targets == "all-linear" for c in bench.CONFIGS)
-    assert [c.key for c in bench.CONFIGS if c.fused_backward] == ["c"]
+    assert [c.key for c in bench.CONFIGS if c.fused_backward] == ["c", "f"]
     assert [c.key for c in bench.CONFIGS if c.prior_preservation] == ["d"]
 
 
@@ -167,3 +172,17 @@ def test_bf16_peak_table(bench):
     assert bench.find_bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.find_bf16_peak_tflops("NVIDIA RTX A5000") == 111.1
     assert bench.find_bf16_peak_tflops("Some Future GPU") is None
+
+
+def test_sd15_configurations_count_their_flops_on_meta(bench):
+    """SD 1.5's UNet from its config, on the meta device: its parameter count and training FLOPs per image
+    (full fine-tuning adds the frozen weights' gradients that LoRA skips)."""
+    configs = {c.key: c for c in bench.CONFIGS}
+    unet_config = bench.unet_config_of(configs["e"], tiny=False)
+    unet = bench.build_unet(unet_config, torch.device("meta"))
+    assert sum(p.numel() for p in unet.parameters()) == bench.SD15_UNET_PARAMETERS == 859_520_964
+    lora = bench.count_flops_per_image_on_meta(unet_config, configs["e"])
+    full = bench.count_flops_per_image_on_meta(unet_config, configs["f"])
+    # Counted here 2026-12-01 (torch 2.13): 1.781 TFLOP per image for LoRA r32, 2.407 for full fine-tuning.
+    assert lora / 1e12 == pytest.approx(1.781, abs=0.005)
+    assert full / 1e12 == pytest.approx(2.407, abs=0.005)

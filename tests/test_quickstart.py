@@ -83,3 +83,27 @@ def test_train_module_reports_data_errors_with_exit_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "a.txt: caption file is missing" in err and "Traceback" not in err
+
+
+def test_sd15_quickstart_as_readme_says(tmp_path, monkeypatch):
+    """The SD 1.5 quickstart, in this process: the LoRA is in kohya's SD 1.x layout and samples name the model."""
+    from loratk.prompts import parse_parameters
+    from loratk.train import main
+
+    argv = _readme_command("recipes/quickstart_sd15.toml")
+    assert argv == ["loratk", "train", "recipes/quickstart_sd15.toml"]
+    monkeypatch.chdir(REPO)
+    assert main([argv[2], f"output_dir={tmp_path}", "sample.at_start=false", "sample.every_n_epochs=3"]) == 0
+    run = tmp_path / "quickstart_sd15"
+    assert {"epoch1.safetensors", "epoch3.safetensors", "quickstart_sd15.safetensors"} <= {
+        p.name for p in run.iterdir()
+    }
+    with safe_open(str(run / "quickstart_sd15.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.startswith("lora_unet_up_blocks_3_attentions_2_") for k in keys)
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_output_name"] == "quickstart_sd15"
+    from PIL import Image
+
+    with Image.open(run / "samples" / "epoch003" / "01-seed1.png") as image:
+        assert parse_parameters(image.info["parameters"])["Model"] == "builtin:tiny-sd15"

@@ -531,7 +531,7 @@ def test_cli_other_bad_input_exits_2(trained_run, tmp_path, capsys):
         (["--lora", str(kohya), "--prompt", "a cat"], "kohya.safetensors: its metadata names the base model"),
         (
             ["--lora", epoch1, "--prompt", "a cat", "--model", str(tmp_path / "nowhere")],
-            "could not load the SDXL model",
+            "nowhere': no such folder, and not a hub id",  # the family is read first
         ),
         (["--lora", str(no_meta)], "no prompts; give --prompt or --prompts-file ("),  # no run recorded
     ]

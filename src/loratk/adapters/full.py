@@ -22,11 +22,11 @@ from loratk.files import save_safetensors_atomic
 from loratk.models.family import build_pipeline
 
 
-def extracted_lora_metadata(metadata: dict[str, str], family: Any, rank: int, name: str) -> dict[str, str]:
+def extracted_lora_metadata(metadata: dict[str, str], model: Any, rank: int, name: str) -> dict[str, str]:
     """The run's metadata for a LoRA extracted from the full weights: the family's LoRA keys, its rank."""
     return {
         **metadata,
-        **family.lora_metadata(),
+        **model.family.lora_metadata(model),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),
@@ -133,7 +133,7 @@ class FullAdapter:
         save_safetensors_atomic(
             family.single_file_state_dict(model, self.export_dtype),
             path,
-            {**metadata, **family.checkpoint_metadata()},
+            {**metadata, **family.checkpoint_metadata(model)},
         )
         written = [path, self._export_diffusers(model, path.with_name(path.stem + "_diffusers"))]
         if self.extract_lora_rank:
@@ -157,7 +157,7 @@ class FullAdapter:
             dtype=self.export_dtype,
         )
         name = path.name.removesuffix(".safetensors")
-        save_safetensors_atomic(tensors, path, extracted_lora_metadata(metadata, model.family, rank, name))
+        save_safetensors_atomic(tensors, path, extracted_lora_metadata(metadata, model, rank, name))
         return path
 
     @staticmethod

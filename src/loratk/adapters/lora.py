@@ -124,7 +124,7 @@ class LoraAdapter:
             unet_config=model.unet.config,
             dtype=self.export_dtype,
         )
-        metadata = {**metadata, **model.family.lora_metadata(), **self.export_metadata()}
+        metadata = {**metadata, **model.family.lora_metadata(model), **self.export_metadata()}
         save_safetensors_atomic(tensors, path, metadata)
         written = [path]
         if self.export_diffusers:

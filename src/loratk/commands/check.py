@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"Hint: with no --resolution, a folder is checked for training at {side}x{side} (SDXL's size), "
             f"where images under {spec.effective_min_side} px are too small. For a smaller training size pass "
-            "it, e.g. --resolution 512 (or --min-side PX), or check the recipe you train with: "
+            "it, e.g. --resolution 512 for SD 1.x (or --min-side PX), or check the recipe you train with: "
             "loratk check recipes/NAME.toml"
         )
     remaining = len(report.problems) + sum(1 for r in report.bad if not r.moved_to)

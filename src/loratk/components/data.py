@@ -232,6 +232,9 @@ def describe_buckets(dataset: Any) -> str:
     return f"{len(unique)} images, {len(dataset)} items per epoch in {len(histogram)} bucket(s) ({parts})"
 
 
+DEFAULT_CHECK_SIDE = 1024  # `loratk check FOLDER` with no --resolution and no model: SDXL's side
+
+
 def build_folder_spec(
     target: Path,
     *,
@@ -278,7 +281,7 @@ def build_folder_spec(
                 trigger=trigger,
             )
         )
-    side = defaults["resolution"]
+    side = DEFAULT_CHECK_SIDE
     spec = DataSpec(
         subsets=tuple(subsets),
         resolution=resolution or (side, side),

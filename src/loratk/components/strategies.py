@@ -15,15 +15,13 @@ def load_recipe_model(recipe: Recipe, path: str | None = None) -> Any:
     from loratk.models.family import family_for_model, load_model
 
     cfg = recipe.model
+    family = family_for_model(
+        cfg.path, cfg.family, single_file_config=cfg.single_file_config, revision=cfg.revision
+    )
     if path is not None:
-        return load_model(
-            family_for_model(cfg.path),
-            path,
-            vae=cfg.vae,
-            single_file_config=cfg.single_file_config or cfg.path,
-        )
+        return load_model(family, path, vae=cfg.vae, single_file_config=cfg.single_file_config or cfg.path)
     return load_model(
-        family_for_model(cfg.path),
+        family,
         cfg.path,
         vae=cfg.vae,
         revision=cfg.revision,

@@ -1,4 +1,5 @@
-"""LoRA file layouts: PEFT state dicts -> the kohya layout (SDXL: SGM UNet names), plus the run's metadata.
+"""LoRA file layouts: PEFT state dicts -> the kohya layout (SDXL: SGM UNet names; SD 1.x/2.x: diffusers
+names, as kohya writes them for those families), plus the run's metadata.
 
 The kohya/SGM layout is the one that loads completely in diffusers, ComfyUI, Forge, A1111 and kohya
 (shared/REFERENCE.md §1). Reading goes the other way through diffusers' own converters.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -38,13 +39,14 @@ def _resnet_inner(rest: str) -> str:
 
 
 def diffusers_to_sgm_unet_name(
-    name: str, layers_per_block: int = 2, up_blocks_with_attention: int = 2
+    name: str, layers_per_block: int = 2, up_blocks_with_attention: int | Collection[int] = 2
 ) -> str:
-    """Map a diffusers UNet module path to the original (SGM / LDM) SDXL name.
+    """Map a diffusers UNet module path to the original (SGM / LDM) name: SDXL's, and SD 1.x/2.x's.
 
     `down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in`. Transformer internals keep their names.
-    `up_blocks_with_attention` counts the leading up blocks that hold attentions (2 in SDXL): their upsampler
-    sits at position 2 of the SGM block, after the resnet and the attention.
+    `up_blocks_with_attention` says which up blocks hold attentions: their upsampler sits at position 2 of the
+    SGM block, after the resnet and the attention (elsewhere at 1). A number counts the leading ones (2 in
+    SDXL); SD 1.x/2.x pass the indices ({1, 2, 3}: their first up block has none).
     """
     for old, new in _TOP_LEVEL.items():
         if name == old or name.startswith(old + "."):
@@ -69,7 +71,12 @@ def diffusers_to_sgm_unet_name(
     if m:
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
         if kind == "upsamplers":
-            slot = 2 if i < up_blocks_with_attention else 1
+            with_attention = (
+                i < up_blocks_with_attention
+                if isinstance(up_blocks_with_attention, int)
+                else i in up_blocks_with_attention
+            )
+            slot = 2 if with_attention else 1
             return f"output_blocks.{per_up * i + layers_per_block}.{slot}.{rest}".rstrip(".")
         slot = 0 if kind == "resnets" else 1
         rest = _resnet_inner(rest) if kind == "resnets" else rest

@@ -1,5 +1,6 @@
 """Full weights (diffusers parts) -> the original SGM/LDM checkpoint layout (A1111, ComfyUI), part by part;
-a model family composes them into its single-file checkpoint.
+a model family composes them into its single-file checkpoint (SDXL: `conditioner.embedders.*`; SD 1.x:
+`cond_stage_model.transformer.*`; SD 2.x: `cond_stage_model.model.*`, OpenCLIP's own naming).
 
 diffusers ships only the other direction (`loaders/single_file_utils.py`); these are its inverse, proven by
 round trips through `from_single_file` in the tests.
@@ -8,7 +9,7 @@ round trips through `from_single_file` in the tests.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -18,12 +19,17 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+SD1_CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # CLIP-L of SD 1.x
+SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."  # OpenCLIP-H of SD 2.x
 
 Tensors = dict[str, torch.Tensor]
 
 
 def convert_unet_to_sgm(
-    state_dict: Mapping[str, torch.Tensor], *, layers_per_block: int = 2, up_blocks_with_attention: int = 2
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    layers_per_block: int = 2,
+    up_blocks_with_attention: int | Collection[int] = 2,
 ) -> Tensors:
     """diffusers UNet weights -> `model.diffusion_model.*` (module paths mapped, parameter names kept)."""
     out: Tensors = {}
@@ -73,13 +79,14 @@ def convert_vae_to_sgm(state_dict: Mapping[str, torch.Tensor], *, num_up_blocks:
     return out
 
 
-def convert_clip_l_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> Tensors:
-    """CLIP-L (`CLIPTextModel`) weights -> `conditioner.embedders.0.transformer.text_model.*`.
+def convert_clip_l_to_sgm(state_dict: Mapping[str, torch.Tensor], prefix: str = CLIP_L_PREFIX) -> Tensors:
+    """CLIP-L (`CLIPTextModel`) weights -> `<prefix>*`: SDXL's `conditioner.embedders.0.transformer.text_model.`
+    by default, SD 1.x's `cond_stage_model.transformer.text_model.` (CLIP-L keeps transformers' names).
 
     transformers 5 flattened `CLIPTextModel` (no `text_model.` root); older state dicts still have it.
     """
     return {
-        CLIP_L_PREFIX + key.removeprefix("text_model."): tensor
+        prefix + key.removeprefix("text_model."): tensor
         for key, tensor in state_dict.items()
         if not key.endswith("position_ids")
     }
@@ -94,8 +101,12 @@ _OPEN_CLIP_LAYER = {
 }
 
 
-def convert_open_clip_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> Tensors:
-    """OpenCLIP-G (`CLIPTextModelWithProjection`) weights -> `conditioner.embedders.1.model.*`.
+def convert_open_clip_to_sgm(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX
+) -> Tensors:
+    """OpenCLIP weights in transformers' layout -> open_clip's names under `prefix`: SDXL's OpenCLIP-G
+    (`CLIPTextModelWithProjection`) under `conditioner.embedders.1.model.` by default, SD 2.x's OpenCLIP-H
+    (`CLIPTextModel`, no projection) under `cond_stage_model.model.`.
 
     q/k/v are fused into `attn.in_proj_weight` / `in_proj_bias`, and `text_projection` is stored transposed
     ([width, embed_dim]), as open_clip keeps it.
@@ -109,11 +120,12 @@ def convert_open_clip_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> Tensors:
         "final_layer_norm.bias": "ln_final.bias",
     }
     for key, name in fixed.items():
-        out[OPEN_CLIP_PREFIX + name] = sd.pop(key)
-    out[OPEN_CLIP_PREFIX + "text_projection"] = sd.pop("text_projection.weight").T.contiguous()
+        out[prefix + name] = sd.pop(key)
+    if "text_projection.weight" in sd:  # SD 2.x's encoder has none: its UNet reads the hidden states only
+        out[prefix + "text_projection"] = sd.pop("text_projection.weight").T.contiguous()
     layers = sorted({int(m[1]) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
     for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}."
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for param in ("weight", "bias"):
             parts = [sd.pop(f"{src}self_attn.{p}_proj.{param}") for p in "qkv"]
             out[f"{dst}attn.in_proj_{param}"] = torch.cat(parts, dim=0)
@@ -122,5 +134,5 @@ def convert_open_clip_to_sgm(state_dict: Mapping[str, torch.Tensor]) -> Tensors:
             head, _, param = rest.rpartition(".")
             out[f"{dst}{_OPEN_CLIP_LAYER.get(head, head)}.{param}"] = sd.pop(key)
     if sd:
-        raise ValueError(f"OpenCLIP-G weights with no SGM name: {sorted(sd)[:3]}")
+        raise ValueError(f"OpenCLIP weights with no open_clip name: {sorted(sd)[:3]}")
     return out

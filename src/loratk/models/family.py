@@ -72,12 +72,14 @@ class DiffusionModel:
 class ModelFamily(Protocol):
     """What loratk needs to know about a family of base models; one object per family."""
 
-    name: str  # "sdxl": recipes' `model.family`, metadata
-    label: str  # for people: "SDXL"
+    name: str  # "sdxl", "sd1", "sd2": recipes' `model.family`
+    label: str  # for people: "SDXL", "SD 1.x", "SD 2.x"
     pipeline_class: str  # the diffusers pipeline, e.g. "StableDiffusionXLPipeline"
     text_encoder_names: tuple[str, ...]  # pipeline component names, in order
     tokenizer_names: tuple[str, ...]
-    default_resolution: int  # the side the family was trained at (1024 for SDXL)
+    default_resolution: (
+        int  # the side the family was trained at (1024 for SDXL; a model's own UNet says more)
+    )
     conditioning_keys: tuple[str, ...]  # what `encode_prompts` returns (and the text cache stores)
     lora_prefixes: dict[str, str]  # model part -> kohya key prefix (lora_unet_, lora_te1_ ...)
 
@@ -126,11 +128,11 @@ class ModelFamily(Protocol):
         """A text-encoder module path as kohya-layout LoRA keys name it."""
         ...
 
-    def lora_metadata(self) -> dict[str, str]:
-        """The keys A1111 / Forge read to list a LoRA under this family."""
+    def lora_metadata(self, model: DiffusionModel | None = None) -> dict[str, str]:
+        """The keys A1111 / Forge read to list a LoRA under this family (and `model`'s variant: SD 2.x-v)."""
         ...
 
-    def checkpoint_metadata(self) -> dict[str, str]:
+    def checkpoint_metadata(self, model: DiffusionModel | None = None) -> dict[str, str]:
         """The same keys for a full single-file checkpoint."""
         ...
 
@@ -194,6 +196,19 @@ def _class(qualified: str) -> Any:
     return getattr(importlib.import_module(library), name)
 
 
+def _stated_prediction(where: str, single_file_config: str | None) -> dict[str, str]:
+    """The prediction type a single file's own metadata states, where no config says it.
+
+    Without a config diffusers describes every SD 2.x file as the 768-v model (v-prediction); a file with
+    `modelspec.architecture` (kohya's, loratk's) says whether it is the 512 epsilon model instead.
+    """
+    if single_file_config:
+        return {}
+    from loratk.models.detection import detect_model
+
+    return {"prediction_type": detect_model(where).prediction_type}
+
+
 def load_model(
     family: ModelFamily,
     path: str,
@@ -216,7 +231,9 @@ def load_model(
             kwargs = {"config": resolve_model_path(single_file_config)} if single_file_config else {}
             pipe = _class(f"diffusers.{family.pipeline_class}").from_single_file(where, **kwargs)
             parts = {name: getattr(pipe, name) for name in names}
-            parts["noise_scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
+            parts["noise_scheduler"] = DDPMScheduler.from_config(
+                pipe.scheduler.config, **_stated_prediction(where, single_file_config)
+            )
         else:
             common = dict(revision=revision)
             weights = dict(common, variant=variant)
@@ -283,9 +300,10 @@ def save_diffusers_lora(
 
 def families() -> dict[str, ModelFamily]:
     """Every supported family by name."""
+    from loratk.models.sd import SD1, SD2
     from loratk.models.sdxl import SDXL
 
-    return {SDXL.name: SDXL}
+    return {family.name: family for family in (SDXL, SD1, SD2)}
 
 
 def family_of(name: str) -> ModelFamily:
@@ -296,23 +314,19 @@ def family_of(name: str) -> ModelFamily:
     return known[name]
 
 
-def family_for_model(path: str) -> ModelFamily:
-    """The family of the model at `path`: from a diffusers folder's `model_index.json` (its pipeline class);
-    other sources (hub ids, single files) are taken to be of the first family."""
-    import json
+def family_for_model(
+    path: str,
+    requested: str = "auto",
+    *,
+    single_file_config: str | None = None,
+    revision: str | None = None,
+) -> ModelFamily:
+    """The family of the model at `path`, read from its files (`models.detection`); an explicit `requested`
+    family is checked against them (`ModelLoadError` when they disagree)."""
+    from loratk.models.detection import resolve_family
 
-    where = resolve_model_path(path) if path.startswith("builtin:") else path
-    index = Path(where) / "model_index.json"
-    known = families()
-    if index.is_file():
-        pipeline = json.loads(index.read_text()).get("_class_name")
-        for family in known.values():
-            if family.pipeline_class == pipeline:
-                return family
-        raise ModelLoadError(
-            f"{path}: a {pipeline} model; loratk trains {', '.join(f.label for f in known.values())} models"
-        )
-    return next(iter(known.values()))
+    family, _ = resolve_family(path, requested, single_file_config=single_file_config, revision=revision)
+    return family
 
 
 # ---------------------------------------------------------------- placing the parts

@@ -154,7 +154,7 @@ class SDXLFamily:
     def kohya_text_encoder_name(self, module: str) -> str:
         return text_encoder_kohya_name(module)
 
-    def lora_metadata(self) -> dict[str, str]:
+    def lora_metadata(self, model: DiffusionModel | None = None) -> dict[str, str]:
         return {
             "ss_base_model_version": "sdxl_base_v1-0",
             "ss_v2": "False",
@@ -162,7 +162,7 @@ class SDXLFamily:
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         }
 
-    def checkpoint_metadata(self) -> dict[str, str]:
+    def checkpoint_metadata(self, model: DiffusionModel | None = None) -> dict[str, str]:
         return {**self.lora_metadata(), "modelspec.architecture": "stable-diffusion-xl-v1-base"}
 
     def single_file_state_dict(self, model: DiffusionModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Deterministic tiny random SDXL and BLIP (with their tokenizers), built offline from configs.
+"""Deterministic tiny random SDXL, SD 1.5, SD 2.x (`tiny_sd`) and BLIP (with their tokenizers), built offline
+from configs.
 
 Tests and the quickstart use them through the same `from_pretrained` path as a hub id: a model is saved
 once with `save_pretrained` into a cache folder and loaded back from there.
@@ -83,7 +84,7 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _text_config(tokenizer, width: int):
+def _text_config(tokenizer, width: int, hidden_act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -94,7 +95,7 @@ def _text_config(tokenizer, width: int):
         num_attention_heads=4,
         max_position_embeddings=77,
         projection_dim=width,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,  # CLIP-L's quick_gelu; OpenCLIP-H (SD 2.x) uses gelu
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -184,7 +185,11 @@ def materialise_folder(
 
 def materialise_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache folder of a `builtin:` model, built once; ValueError naming the known ones otherwise."""
+    from loratk.models.tiny_sd import TINY_SD_MODELS, materialise_tiny_sd
+
     builders = {TINY_SDXL_ID: materialise_tiny_sdxl, TINY_BLIP_ID: materialise_tiny_blip}
+    for tiny_id in TINY_SD_MODELS:
+        builders[tiny_id] = lambda cache, tiny_id=tiny_id: materialise_tiny_sd(tiny_id, cache)
     if name not in builders:
         raise ValueError(f"unknown built-in model {name!r}; built-in models: {', '.join(builders)}")
     return builders[name](cache_dir)

@@ -51,7 +51,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     Through JSON, so TOML arrays are accepted where the schema has a tuple (`betas = [0.9, 0.999]`).
     """
     try:
-        return Recipe.model_validate_json(json.dumps(raw, default=str), strict=True)
+        recipe = Recipe.model_validate_json(json.dumps(raw, default=str), strict=True)
     except ValidationError as err:
         problems: dict[str, str] = {}
         errors = err.errors()
@@ -70,6 +70,29 @@ def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
                 # A union field (e.g. `targets`) fails once per member; one line per key is enough.
                 problems.setdefault(line.split(":", 1)[0], line)
         raise RecipeError(source, list(problems.values())) from None
+    return fill_model_defaults(recipe, source)
+
+
+def fill_model_defaults(recipe: Recipe, source: str = "<recipe>") -> Recipe:
+    """An unset `data.resolution` becomes the model's own side, read from its files (configs or checkpoint
+    header, never the weights): SDXL 1024, SD 1.x / SD 2.x 512, SD 2.x 768-v 768."""
+    if recipe.data.resolution is not None:
+        return recipe
+    from loratk.models.detection import FamilyMismatchError, native_size
+    from loratk.models.family import ModelLoadError
+
+    model = recipe.model
+    try:
+        side = native_size(
+            model.path, model.family, single_file_config=model.single_file_config, revision=model.revision
+        )
+    except FamilyMismatchError as err:
+        raise RecipeError(source, [str(err)]) from None
+    except ModelLoadError as err:
+        raise RecipeError(
+            source, [f"data.resolution: not set, and the model's own side could not be read ({err}); set it"]
+        ) from None
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"resolution": side})})
 
 
 def parse_override_value(text: str) -> Any:

@@ -102,4 +102,4 @@ class Recipe(Section):
     @property
     def sample_size(self) -> tuple[int, int]:
         """(width, height) of samples: `sample.size`, else the training resolution."""
-        return as_size(self.sample.size if self.sample.size is not None else self.data.resolution)
+        return as_size(self.sample.size) if self.sample.size is not None else self.data.size

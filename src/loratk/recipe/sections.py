@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from loratk.prompts import DEFAULT_GUIDANCE, DEFAULT_SEEDS, DEFAULT_STEPS
 
 BUILTIN_TINY = "builtin:tiny-sdxl"
+MODEL_FAMILIES = ("sdxl", "sd1", "sd2")  # `models.family.families()`, by name
 
 
 class Section(BaseModel):
@@ -32,7 +33,12 @@ def as_size(value: int | tuple[int, int]) -> tuple[int, int]:
 class ModelConfig(Section):
     path: str = Field(
         "stabilityai/stable-diffusion-xl-base-1.0",
-        description="hub id, local diffusers folder, single .safetensors checkpoint, or builtin:tiny-sdxl",
+        description="hub id, local diffusers folder, single .safetensors checkpoint, or builtin:tiny-sdxl "
+        "(builtin:tiny-sd15, builtin:tiny-sd2, builtin:tiny-sd2-v)",
+    )
+    family: Literal["auto", "sdxl", "sd1", "sd2"] = Field(
+        "auto",
+        description="auto = read from the model's files; an explicit family is checked against them",
     )
     vae: str | None = Field(
         None, description="optional separate VAE (hub id or folder), e.g. an fp16-fix VAE"
@@ -100,8 +106,10 @@ class DataConfig(Section):
     caption_ext: str = ".txt"
     trigger: str | None = Field(None, description="word put once at the front of every caption")
     repeats: int = Field(1, ge=1)
-    resolution: int | tuple[int, int] = Field(
-        1024, description="square side, or [width, height]: the training size and the bucket area"
+    resolution: int | tuple[int, int] | None = Field(
+        None,
+        description="square side, or [width, height]: the training size and the bucket area; default: the "
+        "model's own (SDXL 1024, SD 1.x and SD 2.x 512, SD 2.x 768-v 768)",
     )
     buckets: bool = Field(True, description="aspect-ratio buckets; false = every image cropped to resolution")
     bucket_step: int = Field(64, description="bucket sides are multiples of this (>= 8, a multiple of 8)")
@@ -131,12 +139,14 @@ class DataConfig(Section):
 
     @field_validator("resolution")
     @classmethod
-    def _check_resolution(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
-        return _check_image_size(value)
+    def _check_resolution(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        return value if value is None else _check_image_size(value)
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height) of training images."""
+        """(width, height) of training images (loading fills an unset resolution from the model)."""
+        if self.resolution is None:
+            raise ValueError("data.resolution is not resolved yet; load recipes with validate_recipe")
         return as_size(self.resolution)
 
     @field_validator("bucket_step")

@@ -124,7 +124,8 @@ def load_pipeline(
     from loratk.models.family import family_for_model, freeze_and_cast, load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    parts = load_model(family_for_model(model), model, single_file_config=model_config)
+    family = family_for_model(model, single_file_config=model_config)
+    parts = load_model(family, model, single_file_config=model_config)
     freeze_and_cast(parts, torch.device(device), resolve_dtype(precision or _default_precision(device)))
     return build_pipeline(parts, scheduler=scheduler)
 
