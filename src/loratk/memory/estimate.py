@@ -1,0 +1,505 @@
+"""Peak training memory of a recipe, predicted without a GPU and without weights.
+
+The recipe's models are built from their configs on the meta device, go through the run's own setup calls
+(`freeze_and_cast`, the adapter, checkpointing, the performance options), and get fake tensors (shapes and
+dtypes, no storage) for the parts that live on the accelerator. The run's optimizer, denoiser and objective
+then run one training step on a fake batch, as `core/loop.py` does it (forward under autocast, backward,
+clipping, step, `zero_grad`), with `MemoryTracker` counting the live bytes. A second batch size gives the cost
+per image, so the largest batch that fits a budget follows from the line.
+
+Not modelled: cuDNN / cuBLAS workspaces, attention kernels' scratch buffers, the CUDA context (about 0.3-0.5
+GiB), the caching allocator's rounding and fragmentation, and sampling or class-image generation (which runs
+before or between training steps). `SAFETY_MARGIN` covers them; `fits` adds it to the prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from loratk.memory.tracker import CATEGORIES, MemoryTracker, PeakBreakdown
+
+if TYPE_CHECKING:
+    from loratk.recipe import Recipe
+
+GIB = 2**30
+# Added to every prediction before it is compared with a budget: the CUDA context and kernels' workspaces
+# (~0.5 GiB) and the caching allocator's rounding and fragmentation (~8%). To be calibrated on the GPU suite.
+SAFETY_MARGIN_FIXED = int(0.75 * GIB)
+SAFETY_MARGIN_FRACTION = 0.08
+# Base models whose configs ship with loratk (so `loratk plan` needs no download for them).
+KNOWN_BASES = {
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base-1.0",
+}
+
+
+class EstimateError(RuntimeError):
+    """The recipe cannot be estimated (configs not found, an option the estimate cannot model)."""
+
+
+def with_margin(peak_bytes: int | float) -> int:
+    """The memory to plan for a predicted peak: the peak, its fractional margin, and the fixed margin."""
+    return int(peak_bytes * (1 + SAFETY_MARGIN_FRACTION) + SAFETY_MARGIN_FIXED)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def load_model_configs(path: str, family: Any) -> dict[str, dict[str, Any]]:
+    """The configs of every part of the model at `path` (part -> config dict, plus "scheduler").
+
+    Shipped for the standard bases and the builtin tiny model; read from a diffusers folder; otherwise
+    fetched from the hub (config files only, never weights)."""
+    parts = [*family.component_classes()]
+    names = [p for p in parts if p not in family.tokenizer_names] + ["scheduler"]
+    if path.startswith("builtin:"):
+        return _tiny_configs(path)
+    shipped = KNOWN_BASES.get(path)
+    if shipped is None and path.endswith((".safetensors", ".sft")):
+        shipped = "sdxl-base-1.0"  # single-file SDXL checkpoints carry no config: the base one
+    if shipped is not None:
+        folder = resources.files("loratk.memory") / "configs" / shipped
+        return {n: json.loads((folder / f"{n}.json").read_text()) for n in names}
+    local = Path(path)
+    if local.is_dir():
+        found = {}
+        for name in names:
+            config = local / name / ("scheduler_config.json" if name == "scheduler" else "config.json")
+            if not config.is_file():
+                raise EstimateError(f"model.path = {path!r}: no {config.relative_to(local)} in the folder")
+            found[name] = json.loads(config.read_text())
+        return found
+    return _fetch_configs(path, names)
+
+
+def _fetch_configs(repo: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    from huggingface_hub import hf_hub_download
+
+    found = {}
+    for name in names:
+        filename = "scheduler_config.json" if name == "scheduler" else "config.json"
+        try:
+            found[name] = json.loads(Path(hf_hub_download(repo, filename, subfolder=name)).read_text())
+        except Exception as err:  # offline, unknown repo, gated
+            raise EstimateError(
+                f"model.path = {repo!r}: could not read its {name}/{filename} ({type(err).__name__}: {err}); "
+                f"the estimate needs only the configs: known offline are {', '.join(KNOWN_BASES)} and "
+                "local diffusers folders"
+            ) from err
+    return found
+
+
+def _tiny_configs(path: str) -> dict[str, dict[str, Any]]:
+    from loratk.models.tiny import (
+        TINY_SDXL_ID,
+        TINY_TE1_WIDTH,
+        TINY_TE2_WIDTH,
+        TINY_UNET_CONFIG,
+        TINY_VAE_CONFIG,
+    )
+
+    if path != TINY_SDXL_ID:
+        raise EstimateError(f"model.path = {path!r}: no configs known for this built-in model")
+    from loratk.models.tiny import _text_config, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    return {
+        "unet": dict(TINY_UNET_CONFIG),
+        "vae": dict(TINY_VAE_CONFIG),
+        "text_encoder": _text_config(tokenizer, TINY_TE1_WIDTH).to_dict(),
+        "text_encoder_2": _text_config(tokenizer, TINY_TE2_WIDTH).to_dict(),
+        "scheduler": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                      "beta_end": 0.012, "prediction_type": "epsilon"},
+    }  # fmt: skip
+
+
+class ShapeTokenizer:
+    """Stands in for a tokenizer: ids of the right shape (memory does not depend on which tokens)."""
+
+    def __init__(self, model_max_length: int = 77):
+        self.model_max_length = model_max_length
+
+    def __call__(self, texts: list[str], **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.zeros(len(texts), self.model_max_length, dtype=torch.long))
+
+
+def build_meta_model(family: Any, configs: dict[str, dict[str, Any]], source: str) -> Any:
+    """Every part of a `family` model from its configs, on the meta device (no memory, no weights)."""
+    import importlib
+
+    from diffusers import DDPMScheduler
+
+    from loratk.models.family import DiffusionModel
+
+    parts: dict[str, Any] = {}
+    with torch.device("meta"):
+        for name, qualified in family.component_classes().items():
+            if name in family.tokenizer_names:
+                parts[name] = ShapeTokenizer()
+                continue
+            library, cls_name = qualified.split(".")
+            cls = getattr(importlib.import_module(library), cls_name)
+            config = {k: v for k, v in configs[name].items()}
+            if library == "diffusers":
+                parts[name] = cls.from_config(config)
+            else:
+                config_class = cls.config_class
+                parts[name] = cls(config_class(**config))
+    scheduler = DDPMScheduler.from_config(configs["scheduler"])
+    return DiffusionModel(
+        family=family,
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoders={n: parts[n] for n in family.text_encoder_names},
+        tokenizers={n: parts[n] for n in family.tokenizer_names},
+        noise_scheduler=scheduler,
+        source=source,
+    )
+
+
+def materialise_fake(modules: list[torch.nn.Module], tracker: MemoryTracker) -> None:
+    """Give the meta parameters and buffers of `modules` fake CPU storage (inside a FakeTensorMode),
+    counted by `tracker` as weights or trainable weights. Shared tensors stay shared."""
+    done: dict[int, torch.Tensor] = {}
+    for root in modules:
+        for module in root.modules():
+            for table in (module._parameters, module._buffers):
+                for name, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    if id(tensor) not in done:
+                        fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+                        if isinstance(tensor, torch.nn.Parameter):
+                            fake = torch.nn.Parameter(fake, requires_grad=tensor.requires_grad)
+                        category = "trainable" if tensor.requires_grad else "weights"
+                        tracker.track([fake], category)
+                        done[id(tensor)] = fake
+                    table[name] = done[id(tensor)]
+
+
+# ---------------------------------------------------------------- one step
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    batch_size: int  # images per device (DreamBooth with prior preservation runs twice as many)
+    peak: PeakBreakdown
+    seconds: float
+
+
+@dataclass
+class _FakeRun:
+    """A recipe's models, adapter, optimizer and objective on fake tensors, ready to step."""
+
+    recipe: Any
+    model: Any
+    trainables: dict[str, torch.nn.Module]
+    optimizer: Any
+    objective: Any
+    tracker: MemoryTracker
+    mode: Any
+    device_type: str
+    weight_dtype: torch.dtype
+    cached_latents: bool
+    cached_text: bool
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _memory_view(recipe: Recipe) -> Recipe:
+    """The recipe as the estimate builds it: what only CPU memory or speed depends on is left out (the
+    extracted LoRA's CPU copy of the base weights; torch.compile; xformers, which needs a GPU)."""
+    export = recipe.export.model_copy(update={"extract_lora_rank": None})
+    perf = recipe.performance.model_copy(update={"compile_unet": False, "attention": "sdpa"})
+    return recipe.model_copy(update={"export": export, "performance": perf})
+
+
+@contextlib.contextmanager
+def fake_run(recipe: Recipe, *, device_type: str = "cuda") -> Iterator[_FakeRun]:
+    """Build the recipe's training objects on fake tensors; the tracker counts from here on."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from loratk.components.caches import text_cache_off_reason
+    from loratk.components.methods import method_of
+    from loratk.components.strategies import build_denoiser
+    from loratk.core.optim import build_optimizer
+    from loratk.core.precision import resolve_dtype
+    from loratk.models.family import enable_text_encoder_checkpointing, family_for_model, freeze_and_cast
+    from loratk.models.performance import apply_performance_options
+
+    recipe = _memory_view(recipe)
+    method = method_of(recipe)
+    family = family_for_model(recipe.model.path) if not recipe.model.path.startswith("builtin:") else None
+    if family is None:
+        from loratk.models.sdxl import SDXL
+
+        family = SDXL
+    if recipe.optim.name == "adamw8bit":
+        raise EstimateError(
+            "optim.name = 'adamw8bit': bitsandbytes' 8-bit states cannot run on fake tensors; estimate with "
+            "optim.name=adamw (the plan prints what the 8-bit optimizer saves)"
+        )
+    configs = load_model_configs(recipe.model.path, family)
+    model = build_meta_model(family, configs, recipe.model.path)
+    weight_dtype = resolve_dtype(recipe.train.mixed_precision)
+    meta = torch.device("meta")
+    # The same calls, in the same order, as `TrainingRun._setup_model`.
+    adapter = method.build_adapter(recipe)
+    freeze_and_cast(model, meta, weight_dtype, keep_fp32=adapter.fp32_parts(model))
+    adapter.apply(model)
+    trainables = adapter.trainable_modules(model)
+    if recipe.train.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for name, module in trainables.items():
+            if name != "unet":
+                enable_text_encoder_checkpointing(module)
+        if device_type == "cuda" and weight_dtype != torch.float32:
+            # A recomputed block runs inside backward, where no function mode of the forward is active; torch
+            # restores its own autocast there, so the CUDA rules are restored the same way.
+            model.unet.enable_gradient_checkpointing(_checkpoint_under_rules(weight_dtype))
+    perf = recipe.performance
+    apply_performance_options(
+        model.unet, attention=perf.attention, tf32=perf.tf32, channels_last=perf.channels_last
+    )
+    # On a GPU, parts the caches cover go to the CPU before training (`run.py`); the rest is on the card.
+    cached_latents = method.caches and recipe.data.cache_latents
+    cached_text = method.caches and text_cache_off_reason(recipe) is None
+    offloaded = (["vae"] if cached_latents else []) + (list(model.text_encoders) if cached_text else [])
+    on_device = [m for name, m in model.parts.items() if name not in offloaded or name in trainables]
+    conditioning = {}
+    if cached_text:  # the cached embeddings' shapes, from the encoders on the meta device
+        with torch.no_grad():
+            encoded = family.encode_prompts(model, ["a picture"], meta)
+        conditioning = {key: (tuple(v.shape[1:]), v.dtype) for key, v in encoded.items()}
+    tracker = MemoryTracker()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, tracker:
+        materialise_fake(on_device, tracker)
+        optimizer = build_optimizer(
+            adapter.param_groups(model, recipe.train.learning_rate),
+            recipe.optim.name,
+            lr=recipe.train.learning_rate,
+            weight_decay=recipe.optim.weight_decay,
+            betas=recipe.optim.betas,
+            eps=recipe.optim.eps,
+            fused_backward=recipe.optim.fused_backward,
+            max_grad_norm=recipe.train.max_grad_norm,
+        )
+        denoiser = build_denoiser(recipe, model, device=torch.device("cpu"), weight_dtype=weight_dtype)
+        objective = method.build_objective(recipe, denoiser)
+        tracker.watch_modules(dict(model.parts))
+        try:
+            yield _FakeRun(
+                recipe, model, trainables, optimizer, objective, tracker, mode, device_type, weight_dtype,
+                cached_latents, cached_text, {"offloaded": offloaded, "configs": configs, "conditioning": conditioning},
+            )  # fmt: skip
+        finally:
+            tracker.close()
+            if hasattr(optimizer, "remove_hooks"):
+                optimizer.remove_hooks()
+
+
+def _checkpoint_under_rules(dtype: torch.dtype) -> Any:
+    """diffusers' default checkpointing (non-reentrant), with the CUDA autocast rules in the recompute."""
+    from torch.utils.checkpoint import checkpoint
+
+    from loratk.memory.autocast import CudaAutocastRules
+
+    def contexts() -> tuple[Any, Any]:
+        return contextlib.nullcontext(), CudaAutocastRules(dtype, cache=False)
+
+    def run(module: torch.nn.Module, *args: Any) -> Any:
+        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    return run
+
+
+def _params(optimizer: Any) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+def _track_optimizer_state(run: _FakeRun) -> None:
+    inner = (
+        run.optimizer.inner_optimizers() if hasattr(run.optimizer, "inner_optimizers") else [run.optimizer]
+    )
+    for optimizer in inner:
+        for state in optimizer.state.values():
+            run.tracker.track([v for v in state.values() if isinstance(v, torch.Tensor)], "optimizer")
+
+
+def _warm_up_optimizer(run: _FakeRun) -> None:
+    """Create the optimizer's state (as its first step does) from zero gradients, then free them: the
+    measured step is a later one, with the state already there."""
+    inner = (
+        run.optimizer.inner_optimizers() if hasattr(run.optimizer, "inner_optimizers") else [run.optimizer]
+    )
+    for optimizer in inner:
+        params = _params(optimizer)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for p in params:
+            p.grad = None
+    _track_optimizer_state(run)
+
+
+def build_fake_batch(run: _FakeRun, batch_size: int) -> dict[str, Any]:
+    """A batch as the run's dataloader gives it: cached latents and text embeddings where the caches
+    apply, pixels and captions where they do not (DreamBooth with prior preservation: instance + class)."""
+    recipe = run.recipe
+    width, height = _resolution(recipe.data.resolution)
+    images = batch_size
+    batch: dict[str, Any] = {}
+    if recipe.dreambooth is not None:
+        batch["num_instance"] = batch_size
+        if recipe.dreambooth.prior_preservation:
+            images = 2 * batch_size
+    vae = run.extras["configs"]["vae"]
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    if run.cached_latents:
+        batch["latents"] = torch.randn(images, vae["latent_channels"], height // scale, width // scale)
+    else:
+        batch["pixel_values"] = torch.randn(images, 3, height, width)
+    captions = ["a picture"] * images
+    batch["captions"] = captions
+    for key, (shape, dtype) in run.extras["conditioning"].items():  # cached text embeddings
+        batch[key] = torch.randn(images, *shape, dtype=dtype)
+    size = torch.tensor([[height, width]] * images)
+    batch.update(original_sizes=size, crop_top_lefts=torch.zeros_like(size), target_sizes=size.clone())
+    return batch
+
+
+def _resolution(resolution: Any) -> tuple[int, int]:
+    if isinstance(resolution, int):
+        return resolution, resolution
+    return int(resolution[0]), int(resolution[1])
+
+
+def _autocast(run: _FakeRun) -> Any:
+    from loratk.memory.autocast import CudaAutocastRules
+
+    if run.weight_dtype == torch.float32:
+        return contextlib.nullcontext()
+    if run.device_type == "cuda":
+        return CudaAutocastRules(run.weight_dtype)
+    return torch.autocast("cpu", dtype=run.weight_dtype)
+
+
+def run_step(run: _FakeRun, batch_size: int) -> StepEstimate:
+    """One training step on a fake batch, as `core/loop.py` runs it; the peak of that step."""
+    start = time.perf_counter()
+    tracker = run.tracker
+    if not tracker.categories or "optimizer" not in tracker.categories.values():
+        tracker.phase = "optimizer"
+        _warm_up_optimizer(run)
+    for module in run.trainables.values():
+        module.train()
+    fused = hasattr(run.optimizer, "step_gate")
+    if fused:
+        run.optimizer.step_gate = lambda: True  # the loop's finite-loss gate, read without a host sync
+    grads: list[torch.Tensor] = _params(run.optimizer)
+    handles = _mark_grads(grads, tracker)
+    batch = build_fake_batch(run, batch_size)
+    tracker.reset_peak()
+    try:
+        tracker.phase = "forward"
+        with _autocast(run):
+            out = run.objective.compute_loss(batch)
+        del batch
+        tracker.phase = "backward"
+        out.loss.backward()
+        del out
+        tracker.phase = "optimizer"
+        if run.recipe.train.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(grads, run.recipe.train.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return StepEstimate(batch_size, tracker.breakdown(), time.perf_counter() - start)
+
+
+def _mark_grads(params: list[torch.Tensor], tracker: MemoryTracker) -> list[Any]:
+    """Name each gradient as it arrives (a tensor hook runs before it is accumulated into `.grad`, and
+    before the fused optimizer's post-accumulate hook steps and frees it)."""
+
+    def mark(grad: torch.Tensor) -> torch.Tensor:
+        tracker.track([grad], "gradients")
+        return grad
+
+    return [param.register_hook(mark) for param in params]
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Two step estimates and the line through them: peak(batch) = fixed + per_image x batch."""
+
+    points: tuple[StepEstimate, StepEstimate]
+    fixed_bytes: float
+    per_image_bytes: float
+    seconds: float
+
+    def peak_bytes(self, batch_size: int) -> float:
+        return self.fixed_bytes + self.per_image_bytes * batch_size
+
+    def max_batch(self, budget_bytes: int) -> int:
+        """The largest batch whose peak, with the safety margin, fits `budget_bytes` (0: none fits)."""
+        room = (budget_bytes - SAFETY_MARGIN_FIXED) / (1 + SAFETY_MARGIN_FRACTION) - self.fixed_bytes
+        if self.per_image_bytes <= 0:
+            return 0 if room < self.per_image_bytes else 10**6
+        return max(0, math.floor(room / self.per_image_bytes + 1e-9))
+
+
+def estimate_step(
+    recipe: Recipe, batch_size: int | None = None, *, device_type: str = "cuda"
+) -> StepEstimate:
+    """The peak of one training step of `recipe` at `batch_size` (default: the recipe's)."""
+    batch_size = batch_size or _recipe_batch(recipe)
+    with fake_run(recipe, device_type=device_type) as run:
+        return run_step(run, batch_size)
+
+
+def estimate_memory(
+    recipe: Recipe, batch_sizes: tuple[int, int] | None = None, *, device_type: str = "cuda"
+) -> MemoryEstimate:
+    """Steps at two batch sizes (default: the recipe's and one more, or 1 and 2 for `auto`) and their line."""
+    start = time.perf_counter()
+    if batch_sizes is None:
+        b = _recipe_batch(recipe, default=1)
+        batch_sizes = (b, b + 1) if b > 1 else (1, 2)
+    with fake_run(recipe, device_type=device_type) as run:
+        first = run_step(run, batch_sizes[0])
+        second = run_step(run, batch_sizes[1])
+    per_image = (second.peak.total - first.peak.total) / (second.batch_size - first.batch_size)
+    fixed = first.peak.total - per_image * first.batch_size
+    return MemoryEstimate((first, second), fixed, per_image, time.perf_counter() - start)
+
+
+def _recipe_batch(recipe: Recipe, default: int = 1) -> int:
+    batch = recipe.train.batch_size
+    return batch if isinstance(batch, int) else default
+
+
+def describe_breakdown(peak: PeakBreakdown) -> list[str]:
+    labels = {
+        "weights": "frozen weights",
+        "trainable": "trainable weights",
+        "gradients": "gradients",
+        "optimizer": "optimizer state",
+        "activations": "activations and temporaries",
+    }
+    return [f"{labels[c]:<28} {peak.by_category[c] / GIB:8.2f} GiB" for c in CATEGORIES]
