@@ -301,7 +301,7 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda") -> Iterator[_FakeRun]
         try:
             yield _FakeRun(
                 recipe, model, trainables, optimizer, objective, tracker, mode, device_type, weight_dtype,
-                cached_latents, cached_text, {"offloaded": offloaded, "configs": configs, "conditioning": conditioning},
+                cached_latents, cached_text, {"device": torch.device("cpu"), "offloaded": offloaded, "configs": configs, "conditioning": conditioning},
             )  # fmt: skip
         finally:
             tracker.close()
@@ -356,7 +356,7 @@ def _warm_up_optimizer(run: _FakeRun) -> None:
 def build_fake_batch(run: _FakeRun, batch_size: int) -> dict[str, Any]:
     """A batch as the run's dataloader gives it: cached latents and text embeddings where the caches
     apply, pixels and captions where they do not (DreamBooth with prior preservation: instance + class)."""
-    recipe = run.recipe
+    recipe, device = run.recipe, run.extras["device"]
     width, height = _resolution(recipe.data.resolution)
     images = batch_size
     batch: dict[str, Any] = {}
@@ -367,14 +367,16 @@ def build_fake_batch(run: _FakeRun, batch_size: int) -> dict[str, Any]:
     vae = run.extras["configs"]["vae"]
     scale = 2 ** (len(vae["block_out_channels"]) - 1)
     if run.cached_latents:
-        batch["latents"] = torch.randn(images, vae["latent_channels"], height // scale, width // scale)
+        batch["latents"] = torch.randn(
+            images, vae["latent_channels"], height // scale, width // scale, device=device
+        )
     else:
-        batch["pixel_values"] = torch.randn(images, 3, height, width)
+        batch["pixel_values"] = torch.randn(images, 3, height, width, device=device)
     captions = ["a picture"] * images
     batch["captions"] = captions
     for key, (shape, dtype) in run.extras["conditioning"].items():  # cached text embeddings
-        batch[key] = torch.randn(images, *shape, dtype=dtype)
-    size = torch.tensor([[height, width]] * images)
+        batch[key] = torch.randn(images, *shape, dtype=dtype, device=device)
+    size = torch.tensor([[height, width]] * images, device=device)
     batch.update(original_sizes=size, crop_top_lefts=torch.zeros_like(size), target_sizes=size.clone())
     return batch
 
@@ -503,3 +505,59 @@ def describe_breakdown(peak: PeakBreakdown) -> list[str]:
         "activations": "activations and temporaries",
     }
     return [f"{labels[c]:<28} {peak.by_category[c] / GIB:8.2f} GiB" for c in CATEGORIES]
+
+
+# ---------------------------------------------------------------- what would make a recipe fit
+
+
+@dataclass(frozen=True)
+class MemoryOption:
+    override: str  # e.g. "train.gradient_checkpointing=true", as `loratk plan` / `loratk train` take it
+    peak_bytes: float  # predicted peak at the recipe's batch with this option (margin not included)
+    note: str = ""
+
+
+def memory_options(
+    recipe: Recipe, estimate: MemoryEstimate, batch_size: int, *, device_type: str = "cuda"
+) -> list[MemoryOption]:
+    """Each memory option the recipe does not use yet, with its predicted peak at `batch_size`: one step
+    each on fake tensors, except the 8-bit optimizer (bitsandbytes cannot run on fake tensors), whose
+    saving is computed from the optimizer state (8-bit AdamW keeps 2 bytes per weight instead of 8)."""
+    train, optim = recipe.train, recipe.optim
+    candidates: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    if not train.gradient_checkpointing:
+        candidates.append(("train.gradient_checkpointing=true", {"train": {"gradient_checkpointing": True}}))
+    accumulation = train.gradient_accumulation_steps == 1 and train.global_batch_size is None
+    if not optim.fused_backward and accumulation:
+        candidates.append(("optim.fused_backward=true", {"optim": {"fused_backward": True}}))
+    if optim.name == "adamw":
+        candidates.append(("optim.name=adafactor", {"optim": {"name": "adafactor"}}))
+    if train.mixed_precision == "no":
+        candidates.append(("train.mixed_precision=bf16", {"train": {"mixed_precision": "bf16"}}))
+    if not (recipe.data.cache_latents and recipe.data.cache_text_embeddings) and recipe.dreambooth is None:
+        # With both caches the VAE and the frozen text encoders leave the card during training.
+        candidates.append(
+            (
+                "data.cache_latents=true data.cache_text_embeddings=true",
+                {"data": {"cache_latents": True, "cache_text_embeddings": True}},
+            )
+        )
+    options = []
+    for override, update in candidates:
+        changed = _updated(recipe, update)
+        peak = estimate_step(changed, batch_size, device_type=device_type).peak.total
+        options.append(MemoryOption(override, peak))
+    if optim.name == "adamw":
+        first = estimate.points[0].peak
+        saving = first.by_category["optimizer"] * 0.75
+        options.append(
+            MemoryOption(
+                "optim.name=adamw8bit", estimate.peak_bytes(batch_size) - saving, "needs loratk[bnb]"
+            )
+        )
+    return sorted(options, key=lambda o: o.peak_bytes)
+
+
+def _updated(recipe: Recipe, update: dict[str, dict[str, Any]]) -> Recipe:
+    sections = {name: getattr(recipe, name).model_copy(update=values) for name, values in update.items()}
+    return recipe.model_copy(update=sections)

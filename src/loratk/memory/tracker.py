@@ -76,7 +76,7 @@ class MemoryTracker(TorchDispatchMode):
                 self.categories[record.serial] = category
 
     def _count(self, tensor: torch.Tensor) -> _Storage | None:
-        if tensor.layout != torch.strided or tensor.device.type == "meta" and not _is_fake(tensor):
+        if tensor.layout != torch.strided:
             return None
         storage = tensor.untyped_storage()
         key = storage._cdata
@@ -151,9 +151,3 @@ class MemoryTracker(TorchDispatchMode):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-
-
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(tensor, FakeTensor)
