@@ -63,6 +63,7 @@ def _report(recipe, args: argparse.Namespace, budget: int) -> int:
     from loratk.memory.estimate import (
         SAFETY_MARGIN_FIXED,
         SAFETY_MARGIN_FRACTION,
+        NothingFits,
         describe_breakdown,
         estimate_memory,
         memory_options,
@@ -71,7 +72,11 @@ def _report(recipe, args: argparse.Namespace, budget: int) -> int:
     from loratk.memory.sizes import format_gib
 
     auto = recipe.train.batch_size == "auto"
-    estimate = estimate_memory(recipe, device_type=args.device)
+    try:
+        estimate = estimate_memory(recipe, device_type=args.device, budget_bytes=budget)
+    except NothingFits as err:
+        print(f"{args.recipe}: {err}", file=sys.stderr)
+        return 2
     batch = estimate.points[0].batch_size
     peak = estimate.points[0].peak
     largest = estimate.max_batch(budget)

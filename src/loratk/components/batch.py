@@ -22,7 +22,11 @@ def resolve_batch_size(recipe: Recipe, *, overwrite: bool = False) -> Recipe:
         return recipe
     from accelerate import PartialState
 
-    PartialState()  # the run's process state, which the logger needs (the Accelerator comes later)
+    from loratk.components.launch import use_cpu_for_multiprocess_launch
+
+    PartialState(
+        cpu=use_cpu_for_multiprocess_launch()
+    )  # the run's process state, which the logger needs (the Accelerator comes later)
     previous = recipe.run_dir / "recipe.resolved.toml"
     if not overwrite and recipe.train.resume != "never" and previous.is_file():
         used = tomllib.loads(previous.read_text()).get("train", {}).get("batch_size")
@@ -42,7 +46,7 @@ def choose_batch_size(recipe: Recipe) -> tuple[int, int]:
     import torch
 
     from loratk.components.launch import LaunchError
-    from loratk.memory.estimate import estimate_memory
+    from loratk.memory.estimate import NothingFits, estimate_memory
     from loratk.memory.sizes import parse_size
 
     cuda = torch.cuda.is_available()
@@ -55,7 +59,10 @@ def choose_batch_size(recipe: Recipe) -> tuple[int, int]:
             "train.batch_size = 'auto' fills the GPU's memory, and there is no GPU here: set "
             "performance.memory_budget (e.g. '24GiB'), or a number for train.batch_size"
         )
-    estimate = estimate_memory(recipe, device_type="cuda" if cuda else "cpu")
+    try:
+        estimate = estimate_memory(recipe, device_type="cuda" if cuda else "cpu", budget_bytes=budget)
+    except NothingFits as err:
+        raise LaunchError(f"train.batch_size = 'auto': {err}") from None
     batch = estimate.max_batch(budget)
     if batch == 0:
         raise LaunchError(

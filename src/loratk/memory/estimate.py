@@ -475,15 +475,38 @@ def estimate_step(
         return run_step(run, batch_size)
 
 
+class NothingFits(EstimateError):
+    """The weights and the optimizer state alone, before any image, exceed the budget."""
+
+    def __init__(self, resident_bytes: int, budget_bytes: int):
+        self.resident_bytes, self.budget_bytes = resident_bytes, budget_bytes
+        super().__init__(
+            f"nothing fits: the weights and the optimizer state alone take {resident_bytes / GIB:.2f} GiB "
+            f"({with_margin(resident_bytes) / GIB:.2f} GiB with the safety margin) of "
+            f"{budget_bytes / GIB:.2f} GiB, before any image"
+        )
+
+
 def estimate_memory(
-    recipe: Recipe, batch_sizes: tuple[int, int] | None = None, *, device_type: str = "cuda"
+    recipe: Recipe,
+    batch_sizes: tuple[int, int] | None = None,
+    *,
+    device_type: str = "cuda",
+    budget_bytes: int | None = None,
 ) -> MemoryEstimate:
-    """Steps at two batch sizes (default: the recipe's and one more, or 1 and 2 for `auto`) and their line."""
+    """Steps at two batch sizes (default: the recipe's and one more, or 1 and 2 for `auto`) and their line.
+
+    With `budget_bytes`, `NothingFits` is raised before any step when the weights and the optimizer state
+    alone do not fit it."""
     start = time.perf_counter()
     if batch_sizes is None:
         b = _recipe_batch(recipe, default=1)
         batch_sizes = (b, b + 1) if b > 1 else (1, 2)
     with fake_run(recipe, device_type=device_type) as run:
+        if budget_bytes is not None:
+            _warm_up_optimizer(run)
+            if with_margin(run.tracker.current) > budget_bytes:
+                raise NothingFits(run.tracker.current, budget_bytes)
         first = run_step(run, batch_sizes[0])
         second = run_step(run, batch_sizes[1])
     per_image = (second.peak.total - first.peak.total) / (second.batch_size - first.batch_size)
