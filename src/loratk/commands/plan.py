@@ -60,15 +60,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(recipe, args: argparse.Namespace, budget: int) -> int:
+    from loratk.components.methods import method_of
     from loratk.memory.estimate import (
         SAFETY_MARGIN_FIXED,
         SAFETY_MARGIN_FRACTION,
         NothingFits,
         describe_breakdown,
         estimate_memory,
-        memory_options,
         with_margin,
     )
+    from loratk.memory.options import memory_options
     from loratk.memory.sizes import format_gib
 
     auto = recipe.train.batch_size == "auto"
@@ -81,7 +82,7 @@ def _report(recipe, args: argparse.Namespace, budget: int) -> int:
     peak = estimate.points[0].peak
     largest = estimate.max_batch(budget)
     print(
-        f"{args.recipe}: {recipe.method} on {recipe.model.path}, {recipe.train.mixed_precision}, "
+        f"{args.recipe}: {method_of(recipe).name} on {recipe.model.path}, {recipe.train.mixed_precision}, "
         f"{'batch auto' if auto else f'batch {batch}'} ({args.device} autocast rules)"
     )
     print(

@@ -15,13 +15,10 @@ before or between training steps). `SAFETY_MARGIN` covers them; `fits` adds it t
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,10 +33,6 @@ GIB = 2**30
 # (~0.5 GiB) and the caching allocator's rounding and fragmentation (~8%). To be calibrated on the GPU suite.
 SAFETY_MARGIN_FIXED = int(0.75 * GIB)
 SAFETY_MARGIN_FRACTION = 0.08
-# Base models whose configs ship with loratk (so `loratk plan` needs no download for them).
-KNOWN_BASES = {
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base-1.0",
-}
 
 
 class EstimateError(RuntimeError):
@@ -49,143 +42,6 @@ class EstimateError(RuntimeError):
 def with_margin(peak_bytes: int | float) -> int:
     """The memory to plan for a predicted peak: the peak, its fractional margin, and the fixed margin."""
     return int(peak_bytes * (1 + SAFETY_MARGIN_FRACTION) + SAFETY_MARGIN_FIXED)
-
-
-# ---------------------------------------------------------------- configs
-
-
-def load_model_configs(path: str, family: Any) -> dict[str, dict[str, Any]]:
-    """The configs of every part of the model at `path` (part -> config dict, plus "scheduler").
-
-    Shipped for the standard bases and the builtin tiny model; read from a diffusers folder; otherwise
-    fetched from the hub (config files only, never weights)."""
-    parts = [*family.component_classes()]
-    names = [p for p in parts if p not in family.tokenizer_names] + ["scheduler"]
-    if path.startswith("builtin:"):
-        return _tiny_configs(path)
-    shipped = KNOWN_BASES.get(path)
-    if shipped is None and path.endswith((".safetensors", ".sft")):
-        shipped = "sdxl-base-1.0"  # single-file SDXL checkpoints carry no config: the base one
-    if shipped is not None:
-        folder = resources.files("loratk.memory") / "configs" / shipped
-        return {n: json.loads((folder / f"{n}.json").read_text()) for n in names}
-    local = Path(path)
-    if local.is_dir():
-        found = {}
-        for name in names:
-            config = local / name / ("scheduler_config.json" if name == "scheduler" else "config.json")
-            if not config.is_file():
-                raise EstimateError(f"model.path = {path!r}: no {config.relative_to(local)} in the folder")
-            found[name] = json.loads(config.read_text())
-        return found
-    return _fetch_configs(path, names)
-
-
-def _fetch_configs(repo: str, names: list[str]) -> dict[str, dict[str, Any]]:
-    from huggingface_hub import hf_hub_download
-
-    found = {}
-    for name in names:
-        filename = "scheduler_config.json" if name == "scheduler" else "config.json"
-        try:
-            found[name] = json.loads(Path(hf_hub_download(repo, filename, subfolder=name)).read_text())
-        except Exception as err:  # offline, unknown repo, gated
-            raise EstimateError(
-                f"model.path = {repo!r}: could not read its {name}/{filename} ({type(err).__name__}: {err}); "
-                f"the estimate needs only the configs: known offline are {', '.join(KNOWN_BASES)} and "
-                "local diffusers folders"
-            ) from err
-    return found
-
-
-def _tiny_configs(path: str) -> dict[str, dict[str, Any]]:
-    from loratk.models.tiny import (
-        TINY_SDXL_ID,
-        TINY_TE1_WIDTH,
-        TINY_TE2_WIDTH,
-        TINY_UNET_CONFIG,
-        TINY_VAE_CONFIG,
-    )
-
-    if path != TINY_SDXL_ID:
-        raise EstimateError(f"model.path = {path!r}: no configs known for this built-in model")
-    from loratk.models.tiny import _text_config, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    return {
-        "unet": dict(TINY_UNET_CONFIG),
-        "vae": dict(TINY_VAE_CONFIG),
-        "text_encoder": _text_config(tokenizer, TINY_TE1_WIDTH).to_dict(),
-        "text_encoder_2": _text_config(tokenizer, TINY_TE2_WIDTH).to_dict(),
-        "scheduler": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                      "beta_end": 0.012, "prediction_type": "epsilon"},
-    }  # fmt: skip
-
-
-class ShapeTokenizer:
-    """Stands in for a tokenizer: ids of the right shape (memory does not depend on which tokens)."""
-
-    def __init__(self, model_max_length: int = 77):
-        self.model_max_length = model_max_length
-
-    def __call__(self, texts: list[str], **_: Any) -> Any:
-        from types import SimpleNamespace
-
-        return SimpleNamespace(input_ids=torch.zeros(len(texts), self.model_max_length, dtype=torch.long))
-
-
-def build_meta_model(family: Any, configs: dict[str, dict[str, Any]], source: str) -> Any:
-    """Every part of a `family` model from its configs, on the meta device (no memory, no weights)."""
-    import importlib
-
-    from diffusers import DDPMScheduler
-
-    from loratk.models.family import DiffusionModel
-
-    parts: dict[str, Any] = {}
-    with torch.device("meta"):
-        for name, qualified in family.component_classes().items():
-            if name in family.tokenizer_names:
-                parts[name] = ShapeTokenizer()
-                continue
-            library, cls_name = qualified.split(".")
-            cls = getattr(importlib.import_module(library), cls_name)
-            config = {k: v for k, v in configs[name].items()}
-            if library == "diffusers":
-                parts[name] = cls.from_config(config)
-            else:
-                config_class = cls.config_class
-                parts[name] = cls(config_class(**config))
-    scheduler = DDPMScheduler.from_config(configs["scheduler"])
-    return DiffusionModel(
-        family=family,
-        unet=parts["unet"],
-        vae=parts["vae"],
-        text_encoders={n: parts[n] for n in family.text_encoder_names},
-        tokenizers={n: parts[n] for n in family.tokenizer_names},
-        noise_scheduler=scheduler,
-        source=source,
-    )
-
-
-def materialise_fake(modules: list[torch.nn.Module], tracker: MemoryTracker) -> None:
-    """Give the meta parameters and buffers of `modules` fake CPU storage (inside a FakeTensorMode),
-    counted by `tracker` as weights or trainable weights. Shared tensors stay shared."""
-    done: dict[int, torch.Tensor] = {}
-    for root in modules:
-        for module in root.modules():
-            for table in (module._parameters, module._buffers):
-                for name, tensor in table.items():
-                    if tensor is None:
-                        continue
-                    if id(tensor) not in done:
-                        fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
-                        if isinstance(tensor, torch.nn.Parameter):
-                            fake = torch.nn.Parameter(fake, requires_grad=tensor.requires_grad)
-                        category = "trainable" if tensor.requires_grad else "weights"
-                        tracker.track([fake], category)
-                        done[id(tensor)] = fake
-                    table[name] = done[id(tensor)]
 
 
 # ---------------------------------------------------------------- one step
@@ -249,6 +105,8 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda") -> Iterator[_FakeRun]
             "optim.name = 'adamw8bit': bitsandbytes' 8-bit states cannot run on fake tensors; estimate with "
             "optim.name=adamw (the plan prints what the 8-bit optimizer saves)"
         )
+    from loratk.memory.bases import build_meta_model, load_model_configs, materialise_fake
+
     configs = load_model_configs(recipe.model.path, family)
     model = build_meta_model(family, configs, recipe.model.path)
     weight_dtype = resolve_dtype(recipe.train.mixed_precision)
@@ -528,59 +386,3 @@ def describe_breakdown(peak: PeakBreakdown) -> list[str]:
         "activations": "activations and temporaries",
     }
     return [f"{labels[c]:<28} {peak.by_category[c] / GIB:8.2f} GiB" for c in CATEGORIES]
-
-
-# ---------------------------------------------------------------- what would make a recipe fit
-
-
-@dataclass(frozen=True)
-class MemoryOption:
-    override: str  # e.g. "train.gradient_checkpointing=true", as `loratk plan` / `loratk train` take it
-    peak_bytes: float  # predicted peak at the recipe's batch with this option (margin not included)
-    note: str = ""
-
-
-def memory_options(
-    recipe: Recipe, estimate: MemoryEstimate, batch_size: int, *, device_type: str = "cuda"
-) -> list[MemoryOption]:
-    """Each memory option the recipe does not use yet, with its predicted peak at `batch_size`: one step
-    each on fake tensors, except the 8-bit optimizer (bitsandbytes cannot run on fake tensors), whose
-    saving is computed from the optimizer state (8-bit AdamW keeps 2 bytes per weight instead of 8)."""
-    train, optim = recipe.train, recipe.optim
-    candidates: list[tuple[str, dict[str, dict[str, Any]]]] = []
-    if not train.gradient_checkpointing:
-        candidates.append(("train.gradient_checkpointing=true", {"train": {"gradient_checkpointing": True}}))
-    accumulation = train.gradient_accumulation_steps == 1 and train.global_batch_size is None
-    if not optim.fused_backward and accumulation:
-        candidates.append(("optim.fused_backward=true", {"optim": {"fused_backward": True}}))
-    if optim.name == "adamw":
-        candidates.append(("optim.name=adafactor", {"optim": {"name": "adafactor"}}))
-    if train.mixed_precision == "no":
-        candidates.append(("train.mixed_precision=bf16", {"train": {"mixed_precision": "bf16"}}))
-    if not (recipe.data.cache_latents and recipe.data.cache_text_embeddings) and recipe.dreambooth is None:
-        # With both caches the VAE and the frozen text encoders leave the card during training.
-        candidates.append(
-            (
-                "data.cache_latents=true data.cache_text_embeddings=true",
-                {"data": {"cache_latents": True, "cache_text_embeddings": True}},
-            )
-        )
-    options = []
-    for override, update in candidates:
-        changed = _updated(recipe, update)
-        peak = estimate_step(changed, batch_size, device_type=device_type).peak.total
-        options.append(MemoryOption(override, peak))
-    if optim.name == "adamw":
-        first = estimate.points[0].peak
-        saving = first.by_category["optimizer"] * 0.75
-        options.append(
-            MemoryOption(
-                "optim.name=adamw8bit", estimate.peak_bytes(batch_size) - saving, "needs loratk[bnb]"
-            )
-        )
-    return sorted(options, key=lambda o: o.peak_bytes)
-
-
-def _updated(recipe: Recipe, update: dict[str, dict[str, Any]]) -> Recipe:
-    sections = {name: getattr(recipe, name).model_copy(update=values) for name, values in update.items()}
-    return recipe.model_copy(update=sections)
