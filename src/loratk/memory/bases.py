@@ -118,9 +118,10 @@ def build_meta_model(family: Any, configs: dict[str, dict[str, Any]], source: st
     )
 
 
-def materialise_fake(modules: list[torch.nn.Module], tracker: MemoryTracker) -> None:
-    """Give the meta parameters and buffers of `modules` fake CPU storage (inside a FakeTensorMode),
-    counted by `tracker` as weights or trainable weights. Shared tensors stay shared."""
+def materialise_fake(modules: list[torch.nn.Module], tracker: MemoryTracker, *, real: bool = False) -> None:
+    """Give the meta parameters and buffers of `modules` fake CPU storage (inside a FakeTensorMode), or,
+    with `real`, real CPU storage (random weights, zero buffers: for measuring a real step), counted by
+    `tracker` as weights or trainable weights. Shared tensors stay shared."""
     done: dict[int, torch.Tensor] = {}
     for root in modules:
         for module in root.modules():
@@ -130,6 +131,9 @@ def materialise_fake(modules: list[torch.nn.Module], tracker: MemoryTracker) -> 
                         continue
                     if id(tensor) not in done:
                         fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+                        if real:  # every page written, as loaded weights are
+                            with torch.no_grad():
+                                fake.normal_(0, 0.02) if fake.is_floating_point() else fake.zero_()
                         if isinstance(tensor, torch.nn.Parameter):
                             fake = torch.nn.Parameter(fake, requires_grad=tensor.requires_grad)
                         category = "trainable" if tensor.requires_grad else "weights"

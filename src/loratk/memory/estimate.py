@@ -81,8 +81,11 @@ def _memory_view(recipe: Recipe) -> Recipe:
 
 
 @contextlib.contextmanager
-def fake_run(recipe: Recipe, *, device_type: str = "cuda") -> Iterator[_FakeRun]:
-    """Build the recipe's training objects on fake tensors; the tracker counts from here on."""
+def fake_run(recipe: Recipe, *, device_type: str = "cuda", real: bool = False) -> Iterator[_FakeRun]:
+    """Build the recipe's training objects on fake tensors; the tracker counts from here on.
+
+    `real`: the same objects on real CPU tensors with random weights (what the estimate is checked against:
+    the same step, measured)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from loratk.components.caches import text_cache_off_reason
@@ -140,9 +143,9 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda") -> Iterator[_FakeRun]
             encoded = family.encode_prompts(model, ["a picture"], meta)
         conditioning = {key: (tuple(v.shape[1:]), v.dtype) for key, v in encoded.items()}
     tracker = MemoryTracker()
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = contextlib.nullcontext() if real else FakeTensorMode(allow_non_fake_inputs=True)
     with mode, tracker:
-        materialise_fake(on_device, tracker)
+        materialise_fake(on_device, tracker, real=real)
         optimizer = build_optimizer(
             adapter.param_groups(model, recipe.train.learning_rate),
             recipe.optim.name,
@@ -195,7 +198,7 @@ def _track_optimizer_state(run: _FakeRun) -> None:
             run.tracker.track([v for v in state.values() if isinstance(v, torch.Tensor)], "optimizer")
 
 
-def _warm_up_optimizer(run: _FakeRun) -> None:
+def warm_up_optimizer(run: _FakeRun) -> None:
     """Create the optimizer's state (as its first step does) from zero gradients, then free them: the
     measured step is a later one, with the state already there."""
     inner = (
@@ -261,7 +264,7 @@ def run_step(run: _FakeRun, batch_size: int) -> StepEstimate:
     tracker = run.tracker
     if not tracker.categories or "optimizer" not in tracker.categories.values():
         tracker.phase = "optimizer"
-        _warm_up_optimizer(run)
+        warm_up_optimizer(run)
     for module in run.trainables.values():
         module.train()
     fused = hasattr(run.optimizer, "step_gate")
@@ -362,7 +365,7 @@ def estimate_memory(
         batch_sizes = (b, b + 1) if b > 1 else (1, 2)
     with fake_run(recipe, device_type=device_type) as run:
         if budget_bytes is not None:
-            _warm_up_optimizer(run)
+            warm_up_optimizer(run)
             if with_margin(run.tracker.current) > budget_bytes:
                 raise NothingFits(run.tracker.current, budget_bytes)
         first = run_step(run, batch_sizes[0])
