@@ -151,3 +151,17 @@ def test_auto_batch_fills_the_budget_and_is_recorded(tmp_path, tiny_steps):
     written = tomllib.loads((recipe.run_dir / "recipe.resolved.toml").read_text())
     assert written["train"]["batch_size"] == 2
     assert written["performance"]["memory_budget"] == str(budget)
+
+
+def test_train_runs_with_the_resolved_batch(tmp_path, monkeypatch):
+    import loratk.run
+    from loratk.recipe import dump_recipe
+
+    recipe = _recipe(tmp_path, train={"batch_size": "auto"}, performance={"memory_budget": "1GiB"})
+    started = recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": 3})})
+    recipe.run_dir.mkdir(parents=True)
+    (recipe.run_dir / "recipe.resolved.toml").write_text(dump_recipe(started))
+    seen = []
+    monkeypatch.setattr(loratk.run, "_train", lambda r, **_: seen.append(r.train.batch_size) or r.run_dir)
+    loratk.run.train(recipe)
+    assert seen == [3]
