@@ -165,3 +165,21 @@ def test_train_runs_with_the_resolved_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(loratk.run, "_train", lambda r, **_: seen.append(r.train.batch_size) or r.run_dir)
     loratk.run.train(recipe)
     assert seen == [3]
+
+
+def test_memory_options_each_come_with_their_peak(tmp_path, tiny_steps):
+    from loratk.memory.options import memory_options
+
+    first, second, _ = tiny_steps
+    per_image = second.peak.total - first.peak.total
+    estimate = MemoryEstimate((first, second), first.peak.total - per_image, per_image, 0.0)
+    recipe = _recipe(
+        tmp_path,
+        train={"batch_size": 1, "mixed_precision": "bf16", "gradient_checkpointing": True},
+        optim={"name": "adamw", "fused_backward": True},
+    )
+    options = {o.override: o for o in memory_options(recipe, estimate, 1)}
+    assert set(options) == {"optim.name=adafactor", "optim.name=adamw8bit"}  # the rest are on already
+    assert options["optim.name=adafactor"].peak_bytes > 0
+    saved = first.peak.total - options["optim.name=adamw8bit"].peak_bytes
+    assert saved == pytest.approx(0.75 * first.peak.by_category["optimizer"])  # 2 bytes a weight, not 8
