@@ -21,7 +21,7 @@ FLOORS = [
     {"models"},
     {"adapters", "objectives"},
     {"sampling", "captioning", "evaluation"},
-    {"recipe", "components"},
+    {"recipe", "components", "memory"},
     {"run_folder", "run", "run_eval"},
     {"train", "commands", "cli"},
 ]

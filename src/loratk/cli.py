@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from loratk import __version__
-from loratk.commands import caption, check, compare, evaluate, sample
+from loratk.commands import caption, check, compare, evaluate, plan, sample
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an adapter from a TOML recipe in this process (`loratk train RECIPE --help` for options)",
         add_help=False,
     )
-    for command in (caption, sample, check, evaluate, compare):
+    for command in (caption, sample, check, evaluate, compare, plan):
         command.add_parser(sub)
     return parser
 

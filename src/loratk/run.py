@@ -321,8 +321,10 @@ class TrainingRun:
 
 def train(recipe: Recipe, *, overwrite: bool = False, stop: Any = None) -> Path:
     """Run a recipe from start (or its newest state) to end; return the run directory."""
+    from loratk.components.batch import resolve_batch_size
     from loratk.components.launch import ProcessGroupHold
 
+    recipe = resolve_batch_size(recipe, overwrite=overwrite)  # "auto": a number, before anything uses it
     group = ProcessGroupHold()
     try:
         run_dir = _train(recipe, overwrite=overwrite, stop=stop, group=group)

@@ -44,6 +44,17 @@ TINY_UNET_CONFIG = dict(
 # apart by that width, and equal widths made diffusers load CLIP-L's weights into the second encoder.
 TINY_TE1_WIDTH, TINY_TE2_WIDTH = 32, 48
 
+# SDXL base's own scheduler settings.
+TINY_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+
 TINY_VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
@@ -102,6 +113,18 @@ def _text_config(tokenizer, width: int, hidden_act: str = "quick_gelu"):
     )
 
 
+def tiny_sdxl_configs() -> dict[str, dict]:
+    """The config of every part of the tiny SDXL (and its scheduler), as its folder would hold them."""
+    tokenizer = build_tiny_tokenizer()
+    return {
+        "unet": dict(TINY_UNET_CONFIG),
+        "vae": dict(TINY_VAE_CONFIG),
+        "text_encoder": _text_config(tokenizer, TINY_TE1_WIDTH).to_dict(),
+        "text_encoder_2": _text_config(tokenizer, TINY_TE2_WIDTH).to_dict(),
+        "scheduler": dict(TINY_SCHEDULER_CONFIG),
+    }
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0):
     """Build a tiny random `StableDiffusionXLPipeline`, identical for a given seed."""
     with torch.random.fork_rng(devices=[]):  # building leaves the caller's RNG as it was
@@ -127,16 +150,7 @@ def _build_tiny_sdxl_pipeline(seed: int):
     text_encoder = CLIPTextModel(_text_config(tokenizer, TINY_TE1_WIDTH))
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, TINY_TE2_WIDTH))
-    # SDXL base's own scheduler settings.
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    scheduler = EulerDiscreteScheduler(**TINY_SCHEDULER_CONFIG)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

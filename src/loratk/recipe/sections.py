@@ -3,7 +3,7 @@ need more than one key of a section."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -260,7 +260,11 @@ class DreamBoothConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
-    batch_size: int = Field(1, gt=0, description="images per device per step")
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        1,
+        description="images per device per step; 'auto' = the largest that fits performance.memory_budget "
+        "(`loratk plan` predicts it)",
+    )
     gradient_accumulation_steps: int = Field(1, gt=0)
     global_batch_size: int | None = Field(
         None, gt=0, description="images per optimizer step over all processes; sets the accumulation steps"
@@ -326,6 +330,20 @@ class PerformanceConfig(Section):
     tf32: bool = Field(True, description="TF32 matmuls and convolutions on Ampere and newer GPUs")
     channels_last: bool = Field(False, description="UNet weights in channels_last memory format")
     compile_unet: bool = Field(False, description="torch.compile the UNet (slow first step)")
+    memory_budget: str | None = Field(
+        None,
+        description="the memory train.batch_size = 'auto' fills, e.g. '24GiB' (default: the GPU's memory); "
+        "also `loratk plan`'s default",
+    )
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _check_memory_budget(cls, value: str | None) -> str | None:
+        from loratk.memory.sizes import parse_size
+
+        if value is not None:
+            parse_size(value)
+        return value
 
 
 class ExportConfig(Section):
