@@ -167,3 +167,25 @@ def test_bf16_peak_table(bench):
     assert bench.find_bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.find_bf16_peak_tflops("NVIDIA RTX A5000") == 111.1
     assert bench.find_bf16_peak_tflops("Some Future GPU") is None
+
+
+def test_full_size_vae_and_text_encoder_configs_have_sdxl_s_parameter_counts():
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from loratk.models import base_configs as base
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**base.SDXL_BASE_VAE_CONFIG)
+        te1 = CLIPTextModel(CLIPTextConfig(**base.SDXL_BASE_TEXT_ENCODER_CONFIG))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**base.SDXL_BASE_TEXT_ENCODER_2_CONFIG))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (vae, te1, te2)]
+    assert (
+        counts
+        == [
+            base.SDXL_BASE_VAE_PARAMETERS,
+            base.SDXL_BASE_TEXT_ENCODER_PARAMETERS,
+            base.SDXL_BASE_TEXT_ENCODER_2_PARAMETERS,
+        ]
+        == [83_653_863, 123_060_480, 694_659_840]
+    )

@@ -24,3 +24,45 @@ SDXL_BASE_UNET_CONFIG: dict[str, Any] = dict(
     projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled CLIP-G 1280
 )
 SDXL_BASE_UNET_PARAMETERS = 2_567_463_684
+
+# stabilityai/stable-diffusion-xl-base-1.0, vae/config.json: 8x down, 4 latent channels.
+SDXL_BASE_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,
+)
+SDXL_BASE_VAE_PARAMETERS = 83_653_863
+
+# text_encoder/config.json (CLIP ViT-L/14's text tower) and text_encoder_2/config.json (OpenCLIP ViT-bigG/14's,
+# with its projection); token ids come from the tokenizer.
+SDXL_BASE_TEXT_ENCODER_CONFIG: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+SDXL_BASE_TEXT_ENCODER_2_CONFIG: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+SDXL_BASE_TEXT_ENCODER_PARAMETERS = 123_060_480
+SDXL_BASE_TEXT_ENCODER_2_PARAMETERS = 694_659_840
