@@ -771,7 +771,7 @@ def _run(args: argparse.Namespace, names: list[str], log: Any) -> int:
     cuda = torch.cuda.is_available() and not args.tiny
     if args.threads or args.tiny:
         torch.set_num_threads(args.threads or 1)
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)  # --tiny: the CPU
     device = accelerator.device
     ts = _benchmark("train_step")
     machine = machine_facts(device)
