@@ -492,11 +492,23 @@ def train_steps(
 
 
 def profile_steps(
-    accelerator: Any, step: Step, config: BenchConfig, num_steps: int, out_dir: Path
+    accelerator: Any,
+    step: Step,
+    config: BenchConfig,
+    num_steps: int,
+    out_dir: Path,
+    *,
+    write_top: bool = True,
+    record_shapes: bool = True,
 ) -> dict[str, str]:
     """Profile `num_steps` more steps (after one untraced step that warms the profiler up); write
     `<key>.trace.json` (a chrome trace, one `ProfilerStep#` range per step: open it in https://ui.perfetto.dev)
-    and `<key>.top.txt` (the 30 ops with the most self time: device time on CUDA, CPU time otherwise)."""
+    and `<key>.top.txt` (the 30 ops with the most self time: device time on CUDA, CPU time otherwise).
+
+    `write_top=False` skips the table: torch builds it from Python objects for every event, which takes far
+    longer than the steps themselves on a full-size model (`benchmarks/gpu_suite.py` ranks ops from the trace).
+    `record_shapes=False` leaves the input shapes out of the trace: a smaller file, a cheaper profile.
+    """
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = accelerator.device.type == "cuda"
@@ -504,13 +516,15 @@ def profile_steps(
     out_dir.mkdir(parents=True, exist_ok=True)
     with profile(
         activities=activities,
-        record_shapes=True,
+        record_shapes=record_shapes,
         with_stack=False,
         schedule=schedule(wait=0, warmup=1, active=num_steps, repeat=1),
     ) as prof:
         train_steps(accelerator, step, config, 1 + num_steps, step_hooks=[lambda _state: prof.step()])
     trace, top = out_dir / f"{config.key}.trace.json", out_dir / f"{config.key}.top.txt"
     prof.export_chrome_trace(str(trace))
+    if not write_top:
+        return {"profile_trace": str(trace)}
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     top.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
     return {"profile_trace": str(trace), "profile_top": str(top)}
@@ -528,10 +542,12 @@ def run_config(
     peak_tflops: float | None,
     profile_dir: Path | None = None,
     profile_steps_count: int = 3,
+    count_flops: bool = True,
     **performance: Any,
 ) -> dict[str, Any]:
     """Train `warmup + steps` optimizer steps through `run_training`; time the last `steps`. With
-    `profile_dir`, then profile `profile_steps_count` more steps (see `profile_steps`)."""
+    `profile_dir`, then profile `profile_steps_count` more steps (see `profile_steps`). `count_flops=False`
+    leaves the FLOP figures out (None): counting dispatches every op through Python, seconds on a CPU."""
     device = accelerator.device
     row: dict[str, Any] = {"config": config.key, "what": config.what, **asdict(config)}
     if device.type == "cuda":
@@ -544,7 +560,7 @@ def run_config(
             accelerator, config, unet_config, weight_dtype=weight_dtype, full_dtype=full_dtype, **performance
         )
         row["trainable_parameters"] = step.num_trainable
-        flops = count_step_flops(step, config)
+        flops = count_step_flops(step, config) if count_flops else None
         if device.type == "cuda":
             # Peak memory is the training steps': counting FLOPs runs one image without checkpointing.
             _synchronize(device)
@@ -565,10 +581,10 @@ def run_config(
             status="ok",
             s_per_step=s_per_step,
             images_per_s=config.batch_size / s_per_step,
-            tflop_per_step=flops / 1e12,
-            tflop_per_image=flops / config.batch_size / 1e12,
-            achieved_tflops=flops / s_per_step / 1e12,
-            bf16_peak_share=(flops / s_per_step / 1e12 / peak_tflops) if peak_tflops else None,
+            tflop_per_step=flops / 1e12 if flops else None,
+            tflop_per_image=flops / config.batch_size / 1e12 if flops else None,
+            achieved_tflops=flops / s_per_step / 1e12 if flops else None,
+            bf16_peak_share=(flops / s_per_step / 1e12 / peak_tflops) if flops and peak_tflops else None,
             nonfinite_steps=result.state.nonfinite_steps,
             final_loss=result.losses[-1] if result.losses else None,
         )

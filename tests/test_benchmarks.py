@@ -1,12 +1,16 @@
 """benchmarks/train_step.py: the tiny smoke of every configuration runs (this is what CI runs), and the
-full-size configuration is right, checked on the `meta` device without building a real model."""
+full-size configuration is right, checked on the `meta` device without building a real model.
+benchmarks/gpu_suite.py: its tiny smoke runs every part, a failing part is recorded and the next one runs,
+and its pieces (budgets, goals, the trace's op ranking and compaction, the wheel install) are right."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +190,248 @@ def test_sd15_configurations_count_their_flops_on_meta(bench):
     # Counted here 2026-12-01 (torch 2.13): 1.781 TFLOP per image for LoRA r32, 2.407 for full fine-tuning.
     assert lora / 1e12 == pytest.approx(1.781, abs=0.005)
     assert full / 1e12 == pytest.approx(2.407, abs=0.005)
+
+
+def test_full_size_vae_and_text_encoder_configs_have_sdxl_s_parameter_counts():
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from loratk.models import base_configs as base
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**base.SDXL_BASE_VAE_CONFIG)
+        te1 = CLIPTextModel(CLIPTextConfig(**base.SDXL_BASE_TEXT_ENCODER_CONFIG))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**base.SDXL_BASE_TEXT_ENCODER_2_CONFIG))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (vae, te1, te2)]
+    assert (
+        counts
+        == [
+            base.SDXL_BASE_VAE_PARAMETERS,
+            base.SDXL_BASE_TEXT_ENCODER_PARAMETERS,
+            base.SDXL_BASE_TEXT_ENCODER_2_PARAMETERS,
+        ]
+        == [83_653_863, 123_060_480, 694_659_840]
+    )
+
+
+# ---------------------------------------------------------------- benchmarks/gpu_suite.py
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_tiny_runs_every_part_and_writes_what_comes_back(suite, tmp_path, monkeypatch):
+    """Every part on the tiny models, as the GPU run does them, without `datasets` (the GPU machine has none)."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails
+    out = tmp_path / "out"
+    assert suite.main(["--tiny", "--out", str(out)]) == 0
+    report = json.loads((out / "suite.json").read_text())
+    parts = report["parts"]
+    assert list(parts) == list(suite.BUDGETS_S)
+    assert {name: p["status"] for name, p in parts.items()} == dict.fromkeys(suite.BUDGETS_S, "ok")
+    assert all(p["seconds"] > 0 for p in parts.values())
+    for key in "abcd":
+        row = parts[f"train_{key}"]["result"]
+        assert row["config"] == key and row["status"] == "ok" and row["nonfinite_steps"] == 0
+        assert row["s_per_step"] > 0 and row["images_per_s"] > 0
+    captions = parts["caption"]["result"]["results"]
+    assert [r["batch_size"] for r in captions] == [16, 32]
+    assert all(r["images_per_s"] > 0 and r["generate_images_per_s"] > 0 for r in captions)
+    rows = parts["sampling"]["result"]["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 4]
+    assert all(r["s_per_image"] > 0 and r["vae_decode_s_per_image"] > 0 for r in rows)
+    profile = parts["profile_b"]["result"]
+    assert profile["kind"] == "cpu" and profile["steps"] == 1 and len(profile["ops"]) == 10
+    assert profile["trace"]["kept"] == "as recorded"
+    # What the device tool brings back: 4 files, each small, at most 2 folders down.
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["profile/b.top.txt", "profile/b.trace.json.gz", "suite.json", "suite.log"]
+    assert suite.check_out_folder(out) == []
+    names = {e.get("name") for e in json.loads(gzip.decompress((out / files[1]).read_bytes()))["traceEvents"]}
+    assert "ProfilerStep#1" in names and "aten::mm" in names
+    top = (out / "profile" / "b.top.txt").read_text().splitlines()
+    assert top[0].startswith("Top 30 ops by self CPU time") and len(top) == 3 + 30
+    # Tiny figures judge no goal; every goal is listed.
+    assert [g["met"] for g in report["goals"]] == [None] * 5
+    assert (
+        report["machine"]["device"].startswith("CPU")
+        and "== profile_b: ok" in (out / "suite.log").read_text()
+    )
+
+
+def test_gpu_suite_records_a_failing_part_and_runs_the_next(suite, tmp_path, monkeypatch):
+    def out_of_memory(ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(suite, "run_caption_part", out_of_memory)
+    out = tmp_path / "out"
+    assert suite.main(["--tiny", "--parts", "caption,sampling", "--out", str(out)]) == 1
+    parts = json.loads((out / "suite.json").read_text())["parts"]
+    assert parts["caption"]["status"] == "OOM" and "Tried to allocate" in parts["caption"]["error"]
+    assert parts["sampling"]["status"] == "ok" and parts["sampling"]["result"]["rows"][0]["s_per_image"] > 0
+
+
+def test_run_parts_stops_a_part_at_its_budget_and_records_every_outcome(suite):
+    def slow():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # Python code: the alarm interrupts it
+            time.sleep(0.01)
+        return {"never": True}
+
+    def broken():
+        raise ValueError("bad figure")
+
+    seen = []
+    parts = [
+        suite.Part("slow", 0.3, slow),
+        suite.Part("ok", 5, lambda: {"x": 1.0}),
+        suite.Part("broken", 5, broken),
+        suite.Part("oom", 5, lambda: {"status": "OOM", "error": "from the benchmark's own row"}),
+        suite.Part("after", 5, lambda: {"y": 2.0}),
+        suite.Part("late", 0, lambda: {"z": 3.0}),  # the budgets so far are spent... but slack passes on
+    ]
+    start = time.monotonic()
+    records = suite.run_parts(parts, on_record=lambda r: seen.append(list(r)), min_start_s=0.01)
+    assert time.monotonic() - start < 5
+    assert {k: r["status"] for k, r in records.items()} == {
+        "slow": "timeout",
+        "ok": "ok",
+        "broken": "error",
+        "oom": "OOM",
+        "after": "ok",
+        "late": "ok",
+    }
+    assert records["broken"]["error"] == "ValueError: bad figure"
+    assert records["slow"]["seconds"] < 2 and "budget" in records["slow"]["error"]
+    assert records["after"]["result"] == {"y": 2.0}
+    assert seen[-1] == list(records) and len(seen) == len(parts)  # recorded after every part
+    goals = {g["goal"]: g["met"] for g in suite.evaluate_goals(records, tiny=False)}
+    assert goals["nothing runs out of memory"] is False
+    # A part whose share of the budgets is gone is skipped, not started.
+    spent = suite.run_parts(
+        [suite.Part("a", 0.5, lambda: time.sleep(0.45) or {}), suite.Part("b", 0, dict)], min_start_s=0.2
+    )
+    assert spent["b"]["status"] == "skipped" and "left" in spent["b"]["error"]
+
+
+def test_goals_are_judged_from_the_figures(suite):
+    def ok(**result):
+        return {"status": "ok", "result": result}
+
+    records = {
+        "train_a": ok(peak_memory_gib=13.2),
+        "train_b": ok(bf16_peak_share=0.31),
+        "train_c": ok(peak_memory_gib=22.5),
+        "train_d": ok(),
+        "caption": ok(
+            results=[{"batch_size": 16, "images_per_s": 48.0}, {"batch_size": 32, "images_per_s": 61.0}]
+        ),
+        "sampling": ok(),
+        "profile_b": ok(),
+    }
+    goals = [(g["value"], g["met"]) for g in suite.evaluate_goals(records, tiny=False)]
+    assert goals[:4] == [(13.2, True), (0.31, False), (22.5, False), (61.0, True)]
+    assert goals[4][1] is True  # every part ran, none out of memory
+    records["train_d"] = {"status": "timeout"}
+    assert suite.evaluate_goals(records, tiny=False)[4]["met"] is None
+
+
+def test_trace_ranking_credits_self_time(suite):
+    def op(name, ts, dur, ext=None, tid=1):
+        return {
+            "ph": "X",
+            "cat": "cpu_op",
+            "name": name,
+            "ts": ts,
+            "dur": dur,
+            "tid": tid,
+            "args": {"External id": ext},
+        }
+
+    step = {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 200, "tid": 1}
+    cpu = [step, op("A", 0, 100), op("B", 10, 30), op("D", 15, 10), op("C", 50, 10), op("A", 120, 20, tid=2)]
+    ranking = suite.rank_trace_ops(cpu)
+    assert ranking["kind"] == "cpu" and ranking["steps"] == 1 and ranking["step_ms"] == 0.2
+    got = {r["name"]: (r["self_ms"] * 1000, r["calls"]) for r in ranking["ops"]}
+    assert got == {"A": (80.0, 2), "B": (20.0, 1), "D": (10.0, 1), "C": (10.0, 1)}
+
+    def kernel(name, dur, ext):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": 0, "dur": dur, "args": {"External id": ext}}
+
+    cuda = [step, op("aten::mm", 0, 5, ext=7), op("aten::add", 5, 5, ext=8)]
+    cuda += [
+        kernel("gemm", 60, 7),
+        kernel("gemm", 40, 7),
+        kernel("add_kernel", 20, 8),
+        kernel("memset", 5, 99),
+    ]
+    ranking = suite.rank_trace_ops(cuda)
+    assert ranking["kind"] == "device" and ranking["device_busy_share"] == pytest.approx(125 / 200)
+    assert [(r["name"], r["self_ms"] * 1000) for r in ranking["ops"]] == [
+        ("aten::mm", 100.0),
+        ("aten::add", 20.0),
+        ("(no op: memset)", 5.0),
+    ]
+    assert ranking["kernels"][0] == {"name": "gemm", "ms": 0.1}
+    assert "device was busy 62.5%" in suite.format_op_table(ranking)
+
+
+def test_compact_trace_drops_detail_until_the_file_fits(suite, tmp_path):
+    events = [{"ph": "M", "name": "process_name", "args": {"name": "python"}}]
+    for i in range(2000):
+        events.append({"ph": "X", "cat": "cpu_op", "name": f"aten::op{i}", "ts": i, "dur": 5 + i % 50})
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": i, "dur": 2})
+        events.append({"ph": "s", "cat": "ac2g", "id": i, "ts": i})
+        events.append({"ph": "X", "cat": "kernel", "name": f"kernel{i % 7}", "ts": i, "dur": 3})
+    trace = {"traceEvents": events, "schemaVersion": 1}
+    raw = json.dumps(trace).encode()
+    whole = suite.compact_trace(raw, trace, tmp_path / "whole.json.gz", limit=len(raw))
+    assert whole["kept"] == "as recorded" and (tmp_path / "whole.json.gz").stat().st_size == whole["bytes"]
+    nothing = suite.compact_trace(raw, None, tmp_path / "none.json.gz", limit=1)
+    assert nothing["file"] is None and not (tmp_path / "none.json.gz").exists()
+    sizes = [size for _, size in nothing["tried"]]
+    assert len(sizes) == len(suite.COMPACTION_LEVELS) and sizes == sorted(sizes, reverse=True)
+    out = tmp_path / "t.json.gz"
+    kept = suite.compact_trace(raw, trace, out, limit=sizes[2])
+    assert kept["kept"] == suite.COMPACTION_LEVELS[2][0] and out.stat().st_size == kept["bytes"] <= sizes[2]
+    back = json.loads(gzip.decompress(out.read_bytes()))
+    assert {e.get("cat") for e in back["traceEvents"]} == {None, "cpu_op", "kernel"}
+    assert min(e["dur"] for e in back["traceEvents"] if e.get("cat") == "cpu_op") >= 20
+    assert back["schemaVersion"] == 1
+
+
+def test_gpu_wheels_are_chosen_only_where_the_machine_lacks_them(suite, tmp_path):
+    wheels = [
+        tmp_path / "diffusers-0.42.1-py3-none-any.whl",
+        tmp_path / "typing_extensions-4.16.0-py3-none-any.whl",
+        tmp_path / "pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+        tmp_path / "tomli_w-1.2.0-py3-none-any.whl",
+    ]
+    assert suite.parse_wheel_filename(wheels[2]) == ("pydantic-core", "2.50.5")
+    installed = {"typing-extensions": "4.15.0", "pydantic-core": "2.50.5", "tomli-w": "1.3.0"}
+    chosen, kept = suite.select_wheels(wheels, installed)
+    assert chosen == wheels[:2]  # missing, older: installed; the same or newer: the machine's is kept
+    assert kept == ["pydantic-core 2.50.5: 2.50.5 is installed", "tomli-w 1.2.0: 1.3.0 is installed"]
+    with pytest.raises(ValueError, match="not a wheel"):
+        suite.parse_wheel_filename(tmp_path / "notes.txt")
+    with pytest.raises(RuntimeError, match="gpu_wheels.sh"):
+        suite.install_wheels(tmp_path, tmp_path / "site")  # no .whl files there
+
+
+def test_import_check_names_what_is_missing_and_how_to_fix_it(suite, tmp_path):
+    problems = suite.check_imports(
+        ["json", "no_such_package_xyz"], [("json", "dumps"), ("json", "no_such_name")]
+    )
+    assert len(problems) == 2
+    assert problems[0].startswith("no_such_package_xyz: ModuleNotFoundError")
+    assert problems[1].startswith("json.no_such_name: AttributeError")
+    hint = suite.import_problem_hint(problems, tmp_path / ".gpu-wheels")
+    assert "no_such_package_xyz" in hint and "gpu_wheels.sh" in hint and ".gpu-wheels" in hint
+    assert "--install" in suite.import_problem_hint(problems, None)
+    assert suite.check_imports() == []  # this environment has everything the suite needs
