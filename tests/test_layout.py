@@ -20,9 +20,9 @@ FLOORS = [
     {"export"},
     {"models"},
     {"adapters", "objectives"},
-    {"sampling", "captioning", "evaluation"},
+    {"sampling", "captioning", "evaluation", "baselines"},
     {"recipe", "components"},
-    {"run_folder", "run"},
+    {"run_folder", "run", "run_gan"},
     {"train", "commands", "cli"},
 ]
 

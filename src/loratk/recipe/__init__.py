@@ -5,6 +5,7 @@ Nothing changes a recipe after loading; derived numbers live in `plan.py`. The s
 reading, writing and comparing in `loading`, the wording of errors in `messages`.
 """
 
+from loratk.recipe.gan import GanConfig
 from loratk.recipe.loading import (
     RESUMABLE_CHANGES,
     apply_override,
@@ -39,6 +40,7 @@ __all__ = [
     "DreamBoothConfig",
     "ExportConfig",
     "FullConfig",
+    "GanConfig",
     "LoraConfig",
     "ModelConfig",
     "OptimConfig",

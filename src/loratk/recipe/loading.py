@@ -165,6 +165,10 @@ RESUMABLE_CHANGES = (
     "performance.",  # speed and memory only (an OOM'd run can resume with other settings)
     "export.",
     "sample.",
+    "gan.sample_",  # what the GAN renders and scores, not what it learns
+    "gan.interpolation_steps",
+    "gan.eval_",
+    "gan.inception",
 )
 
 

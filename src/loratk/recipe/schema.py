@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from loratk.recipe.gan import GanConfig
 from loratk.recipe.sections import (
     DataConfig,
     DreamBoothConfig,
@@ -41,6 +42,7 @@ class Recipe(Section):
     performance: PerformanceConfig = PerformanceConfig()
     export: ExportConfig = ExportConfig()
     sample: SampleConfig = SampleConfig()
+    gan: GanConfig | None = None  # methods 'dcgan' and 'wgan-gp'
 
     @field_validator("method")
     @classmethod
