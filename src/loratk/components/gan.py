@@ -32,6 +32,8 @@ def check_gan_recipe(recipe: Recipe) -> list[str]:
         )
     if recipe.method == "dcgan" and gan.gp_weight != 10.0:
         problems.append("gan.gp_weight: only used by method 'wgan-gp'")
+    if recipe.data.random_flip:
+        problems.append("data.random_flip: not used by the GAN methods (images are centre-cropped squares)")
     defaults = TrainConfig()
     if recipe.train.learning_rate != defaults.learning_rate:
         problems.append("train.learning_rate: not used by the GAN methods; set gan.g_lr and gan.d_lr")
