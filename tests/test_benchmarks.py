@@ -167,3 +167,21 @@ def test_bf16_peak_table(bench):
     assert bench.find_bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.find_bf16_peak_tflops("NVIDIA RTX A5000") == 111.1
     assert bench.find_bf16_peak_tflops("Some Future GPU") is None
+
+
+def test_the_gan_benchmark_times_both_methods_through_the_real_steps(tmp_path, one_thread, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gan_steps", REPO / "benchmarks" / "gan_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "SETTINGS", ((32, 2),))  # tiny: the CPU figures come from the real sizes
+    out = tmp_path / "gan.json"
+    assert (
+        module.main(["--steps", "1", "--warmup", "0", "--rounds", "1", "--diffusion", "--json", str(out)])
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert [(r["method"], r["resolution"], r["batch"]) for r in report["steps"]] == [
+        ("dcgan", 32, 2),
+        ("wgan-gp", 32, 2),
+    ]
+    assert all(r["steps_per_s"] > 0 for r in report["steps"])

@@ -98,6 +98,8 @@ def test_a_gan_run_writes_its_folder_and_compare_shows_it_beside_a_diffusion_run
     assert summary.counts[2] == {"generated": 16, "real": 24}
     assert summary.samples[2] == run / "samples" / "epoch002" and summary.grid is not None
     assert summary.peak_memory_key in ("mem/peak_rss_gib", "mem/peak_gib")
+    report = (run / "report.html").read_text()
+    assert "wgan-gp" in report and "KID" in report and "samples/grid.png" in report
 
     lora = make_run(tmp_path / "runs", "style-lora", image_metrics={1: {"kid": 0.5, "fid": 9.0, "dino": 0.4}})
     out = tmp_path / "cmp"

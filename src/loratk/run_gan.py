@@ -135,6 +135,9 @@ class GanRun:
             )
         finally:
             metrics.close()
+        from loratk.evaluation.report import write_report
+
+        write_report(self.run_dir)  # again, now that metrics.jsonl holds the last epoch's times
         logger.info(f"done: {result.global_step} steps; outputs in {self.run_dir}")
         return result
 

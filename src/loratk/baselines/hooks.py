@@ -173,3 +173,15 @@ class GanEvaluator:
                     kept.append(line)
         kept.append(json.dumps(row))
         atomic_write_text(self.eval_file, "".join(line + "\n" for line in kept))
+
+
+class ReportWriter:
+    """report.html after every epoch (the epoch's numbers come from eval.jsonl, written just before)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def __call__(self, epoch: int, step: int) -> None:
+        from loratk.evaluation.report import write_report
+
+        write_report(self.run_dir)

@@ -169,8 +169,8 @@ def build_generator_metadata(recipe: Recipe, num_images: int) -> Any:
 def build_gan_hooks(
     recipe: Recipe, parts: GanParts, dataset: Any, accelerator: Any, num_epochs: int
 ) -> list[Any]:
-    """The exporter, the sampler and (with gan.inception set) the evaluator, in that order."""
-    from loratk.baselines.hooks import GanEvaluator, GanSampler, GeneratorExporter
+    """The exporter, the sampler, (with gan.inception set) the evaluator and the report, in that order."""
+    from loratk.baselines.hooks import GanEvaluator, GanSampler, GeneratorExporter, ReportWriter
 
     gan = gan_config(recipe)
     hooks: list[Any] = [
@@ -205,6 +205,7 @@ def build_gan_hooks(
                 every_n_epochs=gan.eval_every_n_epochs,
             )
         )
+    hooks.append(ReportWriter(recipe.run_dir))
     return hooks
 
 
