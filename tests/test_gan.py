@@ -282,3 +282,42 @@ def test_loratk_sample_renders_a_generator_file_from_seeds(tmp_path, capsys):
     assert (out / "grid.png").is_file()
     assert main(["sample", "--lora", str(tmp_path / "epoch3.safetensors"), "--prompt", "a cat"]) == 2
     assert "generator renders from seeds alone" in capsys.readouterr().err
+
+
+def test_the_optimizers_and_the_exponential_decay_follow_the_section():
+    from loratk.components.gan import build_gan_parts, build_lr_schedulers
+
+    recipe = validate_recipe(
+        {
+            "name": "g",
+            "method": "dcgan",
+            "data": {"dir": "i"},
+            "gan": {"resolution": 32, "g_width": 4, "d_width": 4, "optimizer": "rmsprop", "g_lr": 1e-4,
+                    "lr_decay": "exponential", "decay_rate": 0.95, "decay_steps": 10},
+        }
+    )  # fmt: skip
+    parts = build_gan_parts(recipe, device="cpu")
+    assert (
+        isinstance(parts.g_optimizer, torch.optim.RMSprop) and parts.d_optimizer.param_groups[0]["lr"] == 1e-4
+    )
+    schedulers = build_lr_schedulers(recipe, [parts.g_optimizer, parts.d_optimizer])
+    for _ in range(10):
+        parts.g_optimizer.step()
+        schedulers[0].step()
+    assert parts.g_optimizer.param_groups[0]["lr"] == pytest.approx(0.95e-4)  # x 0.95 per 10 of its steps
+    assert parts.d_optimizer.param_groups[0]["lr"] == 1e-4  # each network decays on its own steps
+    adam = build_gan_parts(
+        validate_recipe({**_gan_recipe(resolution=32, g_width=4, d_width=4)}), device="cpu"
+    )
+    assert adam.g_optimizer.param_groups[0]["betas"] == (0.0, 0.9) and adam.critic_steps == 5
+
+
+def test_what_a_gan_run_renders_and_scores_may_change_on_resume_but_not_what_it_learns():
+    from loratk.recipe import dump_recipe, recipe_diff
+
+    old = dump_recipe(validate_recipe(_gan_recipe()))
+    changed = validate_recipe(
+        _gan_recipe(eval_images=64, sample_seeds=[1], inception="builtin:tiny-inception")
+    )
+    assert recipe_diff(old, changed) == []
+    assert recipe_diff(old, validate_recipe(_gan_recipe(g_lr=1e-3))) == ["gan.g_lr: '(unset)' -> 0.001"]
