@@ -187,6 +187,25 @@ def test_bad_images_are_reported_or_skipped_as_in_the_other_trainers(tmp_path, s
     assert [r["step"] for r in _rows(run / "metrics.jsonl") if "train/d_loss" in r] == [1, 2, 3]  # 24 good
 
 
+def test_loratk_check_on_a_gan_recipe_checks_the_images_at_its_square_without_captions(
+    tmp_path, shapes, capsys
+):
+    from loratk.cli import main
+
+    recipe = tmp_path / "gan.toml"
+    recipe.write_text(tomli_w.dumps(gan_raw(tmp_path, shapes)))
+    assert main(["check", str(recipe)]) == 0  # 40 px images, no captions: fine for a 32 px GAN
+    (shapes / "broken.png").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["check", str(recipe)]) == 1
+    printed = capsys.readouterr().out
+    assert (
+        "broken.png" in printed
+        and "Result: 1 error(s)" in printed
+        and "caption file is missing" not in printed
+    )
+
+
 def test_the_loop_stops_after_too_many_non_finite_steps(tmp_path, shapes):
     from accelerate import Accelerator
 

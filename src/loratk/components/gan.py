@@ -44,25 +44,31 @@ def check_gan_recipe(recipe: Recipe) -> list[str]:
     return problems
 
 
+def build_gan_data_spec(recipe: Recipe) -> Any:
+    """The preflight spec of [data] at the GAN's square, one size (no buckets)."""
+    from dataclasses import replace
+
+    from loratk.components.data import build_data_spec
+
+    side = gan_config(recipe).resolution
+    return replace(build_data_spec(recipe), resolution=(side, side), buckets=False)
+
+
 def build_gan_data(recipe: Recipe, accelerator: Any) -> tuple[Any, Any]:
     """The preflight of [data] at the GAN's square (bad images are errors, or skipped with
     data.on_bad_image = "skip", as for the adapters), then the dataset of the good images."""
-    from dataclasses import replace
-
     from loratk.baselines.data import SquareImageDataset
-    from loratk.components.data import build_data_spec
     from loratk.components.launch import run_on_main_process
     from loratk.data.check import run_preflight
-    from loratk.data.check_report import CAPTION_KIND_LABELS
+    from loratk.data.check_report import drop_caption_problems
     from loratk.data.dataset import DataError
 
-    side = gan_config(recipe).resolution
-    spec = replace(build_data_spec(recipe), resolution=(side, side), buckets=False)
+    spec = build_gan_data_spec(recipe)
+    side = spec.resolution[0]
 
     def check() -> Any:
         report = run_preflight(spec, progress=True)
-        for image in report.images:  # a GAN reads no caption
-            image.problems = [p for p in image.problems if p.kind not in CAPTION_KIND_LABELS]
+        drop_caption_problems(report)  # a GAN reads no caption
         fatal = report.problems + (
             [] if recipe.data.on_bad_image == "skip" else report.error_lines[len(report.problems) :]
         )

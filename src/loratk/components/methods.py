@@ -38,6 +38,8 @@ class Method:
     # Which run trains it: "adapter" (`run.TrainingRun`, an adapter on a diffusion model) or "gan"
     # (`run_gan.GanRun`, networks trained from scratch by their own loop).
     trainer: str = "adapter"
+    data_spec: Callable[[Recipe], Any] | None = None  # the preflight spec (`loratk check`); None: [data]'s
+    reads_captions: bool = True  # False: caption problems are none (the GAN baselines)
 
     def trains_text_encoders(self, recipe: Recipe) -> bool:
         return getattr(recipe, self.adapter).train_text_encoders
@@ -138,6 +140,8 @@ def _builders() -> dict[str, Method]:  # the registry
                     section="gan",
                     caches=False,
                     trainer="gan",
+                    data_spec=gan.build_gan_data_spec,
+                    reads_captions=False,
                 )
                 for name, description in (
                     ("dcgan", "DCGAN baseline trained from scratch on the images (no base model)"),
