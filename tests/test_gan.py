@@ -243,6 +243,7 @@ def test_the_gan_section_takes_the_papers_defaults():
         ({**_gan_recipe(), "train": {"learning_rate": 1e-3}}, "set gan.g_lr and gan.d_lr"),
         ({**_gan_recipe(), "train": {"max_steps": 10}}, "train.max_steps"),
         ({**_gan_recipe(), "data": {"dir": "i", "random_flip": True}}, "data.random_flip: not used"),
+        ({**_gan_recipe(), "sample": {"prompts": ["a cat"]}}, "sample.prompts: a GAN has no prompts"),
         ({"name": "g", "method": "wgan-gp"}, "data.dir: required"),
         ({"name": "g", "data": {"dir": "i"}, "gan": {}}, "gan: only for methods 'dcgan' / 'wgan-gp'"),
         (_gan_recipe(diffusion_t_min=9, diffusion_t_max=8), "diffusion_t_min"),

@@ -32,6 +32,10 @@ def check_gan_recipe(recipe: Recipe) -> list[str]:
         )
     if recipe.method == "dcgan" and gan.gp_weight != 10.0:
         problems.append("gan.gp_weight: only used by method 'wgan-gp'")
+    if recipe.sample.enabled:
+        problems.append(
+            "sample.prompts: a GAN has no prompts; it renders gan.sample_seeds (fixed latent vectors)"
+        )
     if recipe.data.random_flip:
         problems.append("data.random_flip: not used by the GAN methods (images are centre-cropped squares)")
     defaults = TrainConfig()
