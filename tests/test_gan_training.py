@@ -58,6 +58,25 @@ def gan_raw(tmp_path: Path, images: Path, method: str = "wgan-gp", name: str = "
 
 
 @pytest.fixture
+def restore_logging():
+    """`loratk.train.main` configures logging: the root logger's handler is restored afterwards, and the
+    libraries' own handlers are created first, on the session's stderr, not on this test's `capsys` stream
+    (closed after the test: later tests' diffusers errors would then print "--- Logging error ---")."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    for library in (transformers, diffusers):
+        library.utils.logging.get_logger(library.__name__)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])
+
+
+@pytest.fixture
 def shapes(tmp_path) -> Path:
     return write_shapes(tmp_path / "shapes")
 
@@ -66,7 +85,9 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_gan_run_writes_its_folder_and_compare_shows_it_beside_a_diffusion_run(tmp_path, shapes, capsys):
+def test_a_gan_run_writes_its_folder_and_compare_shows_it_beside_a_diffusion_run(
+    restore_logging, tmp_path, shapes, capsys
+):
     from loratk.cli import main as cli
     from loratk.evaluation.runs import load_run
     from loratk.train import main
