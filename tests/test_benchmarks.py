@@ -435,3 +435,21 @@ def test_import_check_names_what_is_missing_and_how_to_fix_it(suite, tmp_path):
     assert "no_such_package_xyz" in hint and "gpu_wheels.sh" in hint and ".gpu-wheels" in hint
     assert "--install" in suite.import_problem_hint(problems, None)
     assert suite.check_imports() == []  # this environment has everything the suite needs
+
+
+def test_the_gan_benchmark_times_both_methods_through_the_real_steps(tmp_path, one_thread, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gan_steps", REPO / "benchmarks" / "gan_steps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "SETTINGS", ((32, 2),))  # tiny: the CPU figures come from the real sizes
+    out = tmp_path / "gan.json"
+    assert (
+        module.main(["--steps", "1", "--warmup", "0", "--rounds", "1", "--diffusion", "--json", str(out)])
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert [(r["method"], r["resolution"], r["batch"]) for r in report["steps"]] == [
+        ("dcgan", 32, 2),
+        ("wgan-gp", 32, 2),
+    ]
+    assert all(r["steps_per_s"] > 0 for r in report["steps"])

@@ -200,3 +200,14 @@ def test_compare_three_real_runs_one_per_method(tmp_path, tiny_sdxl_dir, images_
     for method in ("lora", "dreambooth", "dreambooth-lora"):
         assert f" {method} " in table
     assert "DINO" in table and (out / "compare.html").is_file() and (out / "compare.png").is_file()
+
+
+def test_loratk_eval_says_a_gan_run_is_scored_while_it_trains(tmp_path):
+    from helpers import REPO
+    from loratk.recipe import dump_recipe, load_recipe
+    from loratk.run_eval import EvalRunError, evaluate_run
+
+    recipe = load_recipe(REPO / "recipes" / "quickstart_gan.toml")
+    (tmp_path / "recipe.resolved.toml").write_text(dump_recipe(recipe))
+    with pytest.raises(EvalRunError, match="a dcgan run scores its epochs while it trains"):
+        evaluate_run(tmp_path)

@@ -20,9 +20,9 @@ FLOORS = [
     {"export"},
     {"models"},
     {"adapters", "objectives"},
-    {"sampling", "captioning", "evaluation"},
+    {"sampling", "captioning", "evaluation", "baselines"},
     {"recipe", "components", "memory"},
-    {"run_folder", "run", "run_eval"},
+    {"run_folder", "run", "run_eval", "run_gan"},
     {"train", "commands", "cli"},
 ]
 

@@ -183,3 +183,23 @@ def test_memory_options_each_come_with_their_peak(tmp_path, tiny_steps):
     assert options["optim.name=adafactor"].peak_bytes > 0
     saved = first.peak.total - options["optim.name=adamw8bit"].peak_bytes
     assert saved == pytest.approx(0.75 * first.peak.by_category["optimizer"])  # 2 bytes a weight, not 8
+
+
+@pytest.mark.parametrize(
+    ("path", "family_name", "unet_parameters"),
+    [
+        ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 2_567_463_684),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd1", 859_520_964),
+    ],
+)
+def test_the_standard_bases_configs_are_known_offline(path, family_name, unet_parameters):
+    """`loratk plan` on a recipe of either standard base needs no download: their configs ship with loratk,
+    and the meta model built from them has the real parameter counts."""
+    from loratk.memory.bases import build_meta_model, load_model_configs
+    from loratk.models.family import families
+
+    family = families()[family_name]
+    model = build_meta_model(family, load_model_configs(path, family), path)
+    assert sum(p.numel() for p in model.unet.parameters()) == unet_parameters
+    assert sum(p.numel() for p in model.vae.parameters()) == 83_653_863
+    assert all(p.is_meta for p in model.unet.parameters())

@@ -336,7 +336,14 @@ def train(recipe: Recipe, *, overwrite: bool = False, stop: Any = None) -> Path:
 
 
 def _train(recipe: Recipe, *, overwrite: bool, stop: Any, group: Any) -> Path:
-    run = TrainingRun(recipe, overwrite=overwrite, stop=stop)
+    from loratk.components.methods import method_of
+
+    if method_of(recipe).trainer == "gan":
+        from loratk.run_gan import GanRun
+
+        run: Any = GanRun(recipe, overwrite=overwrite, stop=stop)
+    else:
+        run = TrainingRun(recipe, overwrite=overwrite, stop=stop)
     try:
         run.setup()
         group.hold()

@@ -137,6 +137,11 @@ def evaluate_run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     files = epoch_files(run_dir)
     method = method_of(recipe)
+    if method.trainer != "adapter":
+        raise EvalRunError(
+            f"{run_dir}: a {method.name} run scores its epochs while it trains (eval.jsonl); "
+            "`loratk eval` renders and scores diffusion runs"
+        )
     full = method.adapter == "full"
     last = max(files, default=recipe.train.epochs)
     sampler = build_sampler(recipe, None, load_sample_prompts(recipe), last, run_dir=run_dir)

@@ -85,9 +85,14 @@ def run(args: argparse.Namespace) -> int:
         except RecipeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        spec = build_data_spec(recipe)
+        from loratk.components.methods import method_of
+
+        method = method_of(recipe)
+        spec = (method.data_spec or build_data_spec)(recipe)
+        reads_captions = method.reads_captions
         default_csv = recipe.run_dir / "check.csv"
     elif target.is_dir():
+        reads_captions = True
         if args.overrides:
             print(
                 f"error: overrides ({' '.join(args.overrides)}) apply to a recipe, not a folder",
@@ -115,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from loratk.data.check import run_preflight
-    from loratk.data.check_report import format_summary, quarantine_bad_images, write_report_csv
+    from loratk.data.check_report import (
+        drop_caption_problems,
+        format_summary,
+        quarantine_bad_images,
+        write_report_csv,
+    )
 
     report = run_preflight(
         spec,
@@ -123,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         max_distance=args.dup_distance,
         progress=sys.stderr.isatty(),
     )
+    if not reads_captions:
+        drop_caption_problems(report)
     moved = []
     if args.quarantine:
         moved = quarantine_bad_images(report, Path(args.quarantine))

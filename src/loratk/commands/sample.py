@@ -81,6 +81,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.lora:
+        from loratk.baselines.outputs import read_generator_metadata
+
+        generators = [read_generator_metadata(path) is not None for path in args.lora]
+        if any(generators):
+            return _run_generators(args, all(generators))
     import logging
 
     import diffusers
@@ -126,4 +132,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{len(result.images)} image(s) in {args.out}; grid: {result.grid}")
+    return 0
+
+
+def _run_generators(args: argparse.Namespace, only_generators: bool) -> int:
+    """GAN generator files (methods dcgan / wgan-gp): no prompts, no base model; one image per seed."""
+    if not only_generators or args.prompt or args.prompts_file or args.compare_base:
+        print(
+            "error: --lora mixes GAN generator files with other files, or adds prompts / --compare-base; a "
+            "generator renders from seeds alone: pass only generator files and --seed",
+            file=sys.stderr,
+        )
+        return 2
+    from loratk.baselines.outputs import GeneratorFileError
+    from loratk.baselines.sample import render_generator_files
+
+    try:
+        images, grid = render_generator_files(args.lora, args.seed or [0], args.out, args.grid)
+    except (GeneratorFileError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(images)} image(s) in {args.out}; grid: {grid}")
     return 0

@@ -21,13 +21,14 @@ class Method:
     description: str  # README and `--help`
     adapter: str  # the recipe section that configures what trains: "lora" | "full"
     objective: str  # what it is trained on: "caption" (captioned images) | "dreambooth" (instance + class)
-    build_adapter: Callable[[Recipe], Any]
-    build_objective: Callable[[Recipe, Any], Any]  # (recipe, denoiser) -> Objective
-    build_data: Callable[
-        [Recipe, Any], tuple[Any, Any]
-    ]  # (recipe, accelerator) -> (dataset, preflight report)
-    build_dataloader: Callable[[Recipe, Any], Any]
-    validation_records: Callable[[Recipe, Any], list[Any]]  # (recipe, eval.folder) -> its images
+    # None where the method trains through a run of its own (`trainer`: the GAN baselines).
+    build_adapter: Callable[[Recipe], Any] | None
+    build_objective: Callable[[Recipe, Any], Any] | None  # (recipe, denoiser) -> Objective
+    build_data: (
+        Callable[[Recipe, Any], tuple[Any, Any]] | None
+    )  # (recipe, accelerator) -> (dataset, preflight report)
+    build_dataloader: Callable[[Recipe, Any], Any] | None
+    validation_records: Callable[[Recipe, Any], list[Any]] | None  # (recipe, eval.folder) -> its images
     check: Callable[[Recipe], list[str]]  # recipe problems of this method, each "key: what to do"
     section: str | None = None  # the recipe section the method needs
     caches: bool = True  # latent and text-embedding caches apply (a few instance images: no)
@@ -35,6 +36,11 @@ class Method:
         None  # after the base model loads, before the adapter (class images)
     )
     final_export_only: bool = False  # full weights are big: only the last epoch is written by default
+    # Which run trains it: "adapter" (`run.TrainingRun`, an adapter on a diffusion model) or "gan"
+    # (`run_gan.GanRun`, networks trained from scratch by their own loop).
+    trainer: str = "adapter"
+    data_spec: Callable[[Recipe], Any] | None = None  # the preflight spec (`loratk check`); None: [data]'s
+    reads_captions: bool = True  # False: caption problems are none (the GAN baselines)
 
     def trains_text_encoders(self, recipe: Recipe) -> bool:
         return getattr(recipe, self.adapter).train_text_encoders
@@ -49,7 +55,11 @@ def _check_captioned_folders(recipe: Recipe) -> list[str]:
         )
     if recipe.dreambooth is not None:
         problems.append("dreambooth: only for methods 'dreambooth' / 'dreambooth-lora'")
-    return problems
+    return problems + _check_no_gan(recipe)
+
+
+def _check_no_gan(recipe: Recipe) -> list[str]:
+    return ["gan: only for methods 'dcgan' / 'wgan-gp'"] if recipe.gan is not None else []
 
 
 def _check_instances(recipe: Recipe) -> list[str]:
@@ -68,11 +78,11 @@ def _check_instances(recipe: Recipe) -> list[str]:
         problems.append(
             "data.dir: not used by DreamBooth (nor [[data.subsets]]); set dreambooth.instance_dir instead"
         )
-    return problems
+    return problems + _check_no_gan(recipe)
 
 
 def _builders() -> dict[str, Method]:  # the registry
-    from loratk.components import data, strategies
+    from loratk.components import data, gan, strategies
 
     return {
         m.name: m
@@ -119,6 +129,29 @@ def _builders() -> dict[str, Method]:  # the registry
                 section="dreambooth",
                 caches=False,
                 prepare=data.prepare_class_images,
+            ),
+            *(
+                Method(
+                    name=name,
+                    description=description,
+                    adapter="gan",
+                    objective="adversarial",
+                    build_adapter=None,
+                    build_objective=None,
+                    build_data=None,
+                    build_dataloader=None,
+                    validation_records=None,
+                    check=gan.check_gan_recipe,
+                    section="gan",
+                    caches=False,
+                    trainer="gan",
+                    data_spec=gan.build_gan_data_spec,
+                    reads_captions=False,
+                )
+                for name, description in (
+                    ("dcgan", "DCGAN baseline trained from scratch on the images (no base model)"),
+                    ("wgan-gp", "WGAN-GP baseline trained from scratch on the images (no base model)"),
+                )
             ),
         )
     }

@@ -96,13 +96,22 @@ def _trainable_names(models: list) -> list[set[str]]:
 class StateManager:
     """Saves, prunes and loads the states of one run. Every process calls save/load; files come from rank 0."""
 
-    def __init__(self, accelerator: Any, root: Path, recipe_toml: str, keep: int | None = None):
+    def __init__(
+        self,
+        accelerator: Any,
+        root: Path,
+        recipe_toml: str,
+        keep: int | None = None,
+        weights: str = "trainable",
+    ):
         self.accelerator = accelerator
         self.root = root
         self.recipe_toml = recipe_toml
         self.keep = keep
-        # Exported weights are the user's files; a state needs only the trainable parameters.
-        accelerator.register_save_state_pre_hook(self._keep_trainable_weights)
+        # Exported weights are the user's files; a state needs only the trainable parameters, unless the
+        # models are trained whole from scratch ("all": a GAN's BatchNorm statistics are buffers).
+        if weights == "trainable":
+            accelerator.register_save_state_pre_hook(self._keep_trainable_weights)
 
     @staticmethod
     def _keep_trainable_weights(models: list, weights: list, output_dir: str) -> None:

@@ -20,6 +20,14 @@ CAPTION_KIND_LABELS = {
     "caption_not_utf8": "caption not UTF-8",
     "caption_unreadable": "caption unreadable",
 }
+
+
+def drop_caption_problems(report: DataReport) -> None:
+    """For data whose captions are not read (the GAN baselines): a missing or bad caption is no problem."""
+    for image in report.images:
+        image.problems = [p for p in image.problems if p.kind not in CAPTION_KIND_LABELS]
+
+
 # Files that are expected beside images and never sniffed for image content.
 REPORT_COLUMNS = (
     "path",

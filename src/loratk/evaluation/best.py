@@ -3,8 +3,8 @@ deleted.
 
 "auto": the epoch most like the subject or style (DINO if computed, else CLIP-I) among the epochs that still
 follow prompts (CLIP-T at most `tolerance` below the base model's); failing that, the most similar epoch
-overall, saying so; without image metrics, the lowest validation loss; without that either, None: a run that
-measured nothing has no best epoch (the report and `loratk compare` say so rather than guess the last one).
+overall, saying so; without image metrics, the lowest validation loss; without that (a GAN baseline, which has
+no prompts), the lowest KID, else FID; without any, None: a run that measured nothing has no best epoch (the report and `loratk compare` say so rather than guess the last one).
 Ties go to the earlier epoch. Epoch 0 (the base model) is never chosen.
 """
 
@@ -16,6 +16,7 @@ from loratk.evaluation.metric_names import Metric, describe_metric, format_value
 from loratk.evaluation.runs import RunSummary
 
 SIMILARITY = ("dino", "clip_i")  # identity/style similarity, preferred first
+DISTRIBUTION = ("kid", "fid")  # distance to the real images, for runs with no prompts (the GAN baselines)
 PROMPT_FOLLOWING = "clip_t"
 
 
@@ -61,9 +62,15 @@ def _auto(summary: RunSummary, tolerance: float) -> BestEpoch | None:
     key = next((k for k in SIMILARITY if _values(summary, k)), None)
     if key is None:
         best = _best_on(summary, describe_metric("val/loss"))
-        if best is None:
-            return None
-        return BestEpoch(best.epoch, best.metric, best.value, f"no image metrics; {best.reason}")
+        if best is not None:
+            return BestEpoch(best.epoch, best.metric, best.value, f"no image metrics; {best.reason}")
+        for key in DISTRIBUTION:
+            best = _best_on(summary, describe_metric(key))
+            if best is not None:
+                return BestEpoch(
+                    best.epoch, key, best.value, f"no similarity metric or val loss; {best.reason}"
+                )
+        return None
     metric = describe_metric(key)
     similarity = _values(summary, key)
     label, clip_label = metric.label, describe_metric(PROMPT_FOLLOWING).label

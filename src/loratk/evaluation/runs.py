@@ -22,6 +22,7 @@ else:  # pragma: no cover - Python 3.10
 
 EPOCH_FILE = re.compile(r"^epoch(\d+)(\.safetensors|\.lora\.safetensors|_diffusers)$")
 SAMPLE_FOLDER = re.compile(r"^epoch(\d+)$")
+FROM_SCRATCH = ("dcgan", "wgan-gp")  # methods that train without a base model (the GAN baselines)
 MEMORY_KEYS = ("mem/peak_gib", "mem/peak_rss_gib")  # accelerator memory first, else the CPU's resident size
 
 
@@ -139,6 +140,8 @@ def _read_recipe(run_dir: Path, summary: RunSummary) -> None:
     if summary.method is None and summary.recipe:
         summary.method = "lora"  # the recipe's default method
     model = summary.recipe.get("model")
+    if summary.method in FROM_SCRATCH:
+        return
     if isinstance(model, dict) and model.get("path") is not None:
         summary.base_model = str(model["path"])
 

@@ -17,7 +17,11 @@ from loratk.memory.tracker import MemoryTracker
 # Base models whose configs ship with loratk (so `loratk plan` needs no download for them).
 KNOWN_BASES = {
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base-1.0",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd-v1-5",
+    "runwayml/stable-diffusion-v1-5": "sd-v1-5",
 }
+# A single-file checkpoint carries no config: its family's standard base stands in.
+_FAMILY_BASES = {"sdxl": "sdxl-base-1.0", "sd1": "sd-v1-5"}
 
 
 def load_model_configs(path: str, family: Any) -> dict[str, dict[str, Any]]:
@@ -31,7 +35,7 @@ def load_model_configs(path: str, family: Any) -> dict[str, dict[str, Any]]:
         return _tiny_configs(path)
     shipped = KNOWN_BASES.get(path)
     if shipped is None and path.endswith((".safetensors", ".sft")):
-        shipped = "sdxl-base-1.0"  # single-file SDXL checkpoints carry no config: the base one
+        shipped = _FAMILY_BASES.get(getattr(family, "name", ""))
     if shipped is not None:
         folder = resources.files("loratk.memory") / "configs" / shipped
         return {n: json.loads((folder / f"{n}.json").read_text()) for n in names}

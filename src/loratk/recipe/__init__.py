@@ -6,6 +6,7 @@ reading, writing and comparing in `loading`, the wording of errors in `messages`
 """
 
 from loratk.recipe.evaluation import EvalConfig
+from loratk.recipe.gan import GanConfig
 from loratk.recipe.loading import (
     RESUMABLE_CHANGES,
     apply_override,
@@ -41,6 +42,7 @@ __all__ = [
     "EvalConfig",
     "ExportConfig",
     "FullConfig",
+    "GanConfig",
     "LoraConfig",
     "ModelConfig",
     "OptimConfig",

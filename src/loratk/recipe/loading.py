@@ -191,6 +191,10 @@ RESUMABLE_CHANGES = (
     "sample.",
     # Evaluation reads the weights and never changes them; only the held-out share changes the training set.
     *(f"eval.{key}" for key in EvalConfig.model_fields if key != "holdout"),
+    "gan.sample_",  # what the GAN renders and scores, not what it learns
+    "gan.interpolation_steps",
+    "gan.eval_",
+    "gan.inception",
 )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from loratk.recipe.evaluation import EvalConfig
+from loratk.recipe.gan import GanConfig
 from loratk.recipe.sections import (
     DataConfig,
     DreamBoothConfig,
@@ -43,6 +44,7 @@ class Recipe(Section):
     export: ExportConfig = ExportConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    gan: GanConfig | None = None  # methods 'dcgan' and 'wgan-gp'
 
     @field_validator("method")
     @classmethod
