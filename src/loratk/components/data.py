@@ -58,12 +58,18 @@ def build_data_spec(recipe: Recipe) -> Any:
     )
 
 
-def check_data(recipe: Recipe, *, progress: bool = False) -> Any:
-    """Run the data preflight (no model); raise `DataError` with every problem unless they may be skipped."""
+def check_data(
+    recipe: Recipe, *, progress: bool = False, spec: Any = None, reads_captions: bool = True
+) -> Any:
+    """Run the data preflight (no model) of `spec` (default: the recipe's [data]); raise `DataError` with
+    every problem unless they may be skipped. `reads_captions=False`: caption problems do not count."""
     from loratk.data.check import run_preflight
+    from loratk.data.check_report import drop_caption_problems
     from loratk.data.dataset import DataError
 
-    report = run_preflight(build_data_spec(recipe), progress=progress)
+    report = run_preflight(spec if spec is not None else build_data_spec(recipe), progress=progress)
+    if not reads_captions:
+        drop_caption_problems(report)
     fatal = report.problems + (
         [] if recipe.data.on_bad_image == "skip" else report.error_lines[len(report.problems) :]
     )

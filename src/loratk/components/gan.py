@@ -62,30 +62,15 @@ def build_gan_data(recipe: Recipe, accelerator: Any) -> tuple[Any, Any]:
     """The preflight of [data] at the GAN's square (bad images are errors, or skipped with
     data.on_bad_image = "skip", as for the adapters), then the dataset of the good images."""
     from loratk.baselines.data import SquareImageDataset
+    from loratk.components.data import check_data
     from loratk.components.launch import run_on_main_process
-    from loratk.data.check import run_preflight
-    from loratk.data.check_report import drop_caption_problems
     from loratk.data.dataset import DataError
 
     spec = build_gan_data_spec(recipe)
     side = spec.resolution[0]
 
     def check() -> Any:
-        report = run_preflight(spec, progress=True)
-        drop_caption_problems(report)  # a GAN reads no caption
-        fatal = report.problems + (
-            [] if recipe.data.on_bad_image == "skip" else report.error_lines[len(report.problems) :]
-        )
-        if fatal:
-            hint = "run `loratk check` on the folder for the full report"
-            if not report.problems:
-                hint += ', or set data.on_bad_image = "skip" to train on the good images only'
-            raise DataError(fatal, hint=hint)
-        if not report.good:
-            raise DataError(
-                [f"no usable image: all {len(report.images)} have problems"], hint="run `loratk check`"
-            )
-        return report
+        return check_data(recipe, progress=True, spec=spec, reads_captions=False)  # a GAN reads no caption
 
     report = run_on_main_process(accelerator, check, (DataError,))
     repeats = {i: s.repeats for i, s in enumerate(spec.subsets)}
