@@ -203,3 +203,20 @@ def test_the_standard_bases_configs_are_known_offline(path, family_name, unet_pa
     assert sum(p.numel() for p in model.unet.parameters()) == unet_parameters
     assert sum(p.numel() for p in model.vae.parameters()) == 83_653_863
     assert all(p.is_meta for p in model.unet.parameters())
+
+
+def test_the_breakdown_reads_in_mib_below_a_gib():
+    from loratk.memory.estimate import describe_breakdown
+    from loratk.memory.tracker import CATEGORIES, PeakBreakdown
+
+    sizes = dict(zip(CATEGORIES, [3 * 2**30, 5 * MIB, 0, 2**31, 512 * MIB], strict=True))
+    lines = describe_breakdown(
+        PeakBreakdown(total=sum(sizes.values()), by_category=sizes, phase="", module="")
+    )
+    assert [line.split()[-2:] for line in lines] == [
+        ["3.00", "GiB"],
+        ["5.0", "MiB"],
+        ["0.0", "MiB"],
+        ["2.00", "GiB"],
+        ["512.0", "MiB"],
+    ]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loratk.memory.sizes import format_gib
 from loratk.memory.tracker import CATEGORIES, MemoryTracker, PeakBreakdown
 
 if TYPE_CHECKING:
@@ -388,4 +389,4 @@ def describe_breakdown(peak: PeakBreakdown) -> list[str]:
         "optimizer": "optimizer state",
         "activations": "activations and temporaries",
     }
-    return [f"{labels[c]:<28} {peak.by_category[c] / GIB:8.2f} GiB" for c in CATEGORIES]
+    return [f"{labels[c]:<28} {format_gib(peak.by_category[c]):>11}" for c in CATEGORIES]
