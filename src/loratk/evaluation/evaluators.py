@@ -7,6 +7,7 @@ names the model and the preprocessing, so the feature cache knows when its store
 
 from __future__ import annotations
 
+import abc
 import gc
 import hashlib
 import json
@@ -37,7 +38,7 @@ class EvaluatorError(RuntimeError):
     """A feature model cannot be loaded or used; the message names it and says how to get it."""
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
     """A loaded feature model: `kind` ("clip", "dino", "dinov2", "inception"), `name` (as given),
     `digest` (model + preprocessing, the feature cache's key), `feature_dim`, `batch_size`.
 
@@ -64,8 +65,9 @@ class Evaluator:
         """float32 [N, feature_dim] on the CPU, row i for `images[i]`, `batch_size` images per forward."""
         return self._batched(images, lambda batch: (self._encode_images(batch),), (self.feature_dim,))[0]
 
+    @abc.abstractmethod
     def _encode_images(self, images: list[Image.Image]) -> Tensor:
-        raise NotImplementedError
+        """One batch of images to features [len(images), feature_dim]; each model kind says how."""
 
     def _batched(
         self, items: Sequence, encode: Callable[[list], tuple[Tensor, ...]], widths: tuple[int, ...]
