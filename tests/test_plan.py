@@ -206,8 +206,7 @@ def test_the_standard_bases_configs_are_known_offline(path, family_name, unet_pa
 
 
 def test_the_breakdown_reads_in_mib_below_a_gib():
-    from loratk.memory.estimate import describe_breakdown
-    from loratk.memory.tracker import CATEGORIES, PeakBreakdown
+    from loratk.memory.tracker import CATEGORIES, PeakBreakdown, describe_breakdown
 
     sizes = dict(zip(CATEGORIES, [3 * 2**30, 5 * MIB, 0, 2**31, 512 * MIB], strict=True))
     lines = describe_breakdown(

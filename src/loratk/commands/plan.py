@@ -1,8 +1,9 @@
 """`loratk plan RECIPE [key=value ...] [--memory 24GiB]`: the peak training memory of a recipe, predicted on
-fake tensors (no GPU, no weights), the largest batch that fits the budget, and what would make it fit.
+fake tensors (no GPU, no weights), the largest batch that fits the budget, and what would make it fit; then
+the peaks of what runs beside training: class images, samples, the image metrics' evaluators.
 
-Exit status: 0 the recipe fits, 1 it does not at its batch size (a smaller batch or an option does),
-2 usage or recipe error, or nothing fits."""
+Exit status: 0 the recipe fits, 1 it does not at its batch size (a smaller batch or an option does) or a
+render or an evaluator does not fit, 2 usage or recipe error, or nothing fits."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run one training step of the recipe on fake tensors (no memory allocated, no weights "
         "loaded; only the model's configs) and report the peak memory, split by kind, with the batch size "
         "that fits --memory. Exit status: 0 fits, 1 does not fit at its batch size, 2 recipe error or "
-        "nothing fits.",
+        "nothing fits; 1 also when class images, samples or an evaluator would not fit.",
     )
     plan.add_argument("recipe", help="a recipe (.toml)")
     plan.add_argument("overrides", nargs="*", help="recipe overrides: section.key=value")
@@ -65,16 +66,18 @@ def _report(recipe, args: argparse.Namespace, budget: int) -> int:
         SAFETY_MARGIN_FIXED,
         SAFETY_MARGIN_FRACTION,
         NothingFits,
-        describe_breakdown,
         estimate_memory,
         with_margin,
     )
     from loratk.memory.options import memory_options
     from loratk.memory.sizes import format_gib
+    from loratk.memory.tracker import describe_breakdown
 
     auto = recipe.train.batch_size == "auto"
     try:
-        estimate = estimate_memory(recipe, device_type=args.device, budget_bytes=budget)
+        estimate = estimate_memory(
+            recipe, device_type=args.device, budget_bytes=budget, renders=True, evaluators=True
+        )
     except NothingFits as err:
         print(f"{args.recipe}: {err}", file=sys.stderr)
         return 2
@@ -99,6 +102,7 @@ def _report(recipe, args: argparse.Namespace, budget: int) -> int:
         f"margin: +{SAFETY_MARGIN_FRACTION:.0%} + {format_gib(SAFETY_MARGIN_FIXED)} for what is not modelled "
         "(CUDA context, cuDNN/cuBLAS workspaces, attention kernels' buffers, allocator fragmentation)"
     )
+    renders_fit = _print_between_steps(estimate, budget, format_gib, with_margin)
     print(f"estimated in {estimate.seconds:.0f} s")
     if largest == 0:
         print(f"budget {format_gib(budget)}: nothing fits, not even batch 1", file=sys.stderr)
@@ -107,10 +111,37 @@ def _report(recipe, args: argparse.Namespace, budget: int) -> int:
     print(f"budget {format_gib(budget)}: the largest batch that fits is {largest}")
     if auto or with_margin(estimate.peak_bytes(batch)) <= budget:
         print("fits" if not auto else f"train.batch_size = 'auto' would train at batch {largest}")
-        return 0
+        return 0 if renders_fit else 1
     print(f"batch {batch} does not fit: set train.batch_size = {largest}, or use a memory option")
     _print_options(recipe, estimate, batch, budget, args.device, memory_options, format_gib, with_margin)
     return 1
+
+
+def _print_between_steps(estimate, budget: int, format_gib, with_margin) -> bool:
+    """The renders' and evaluators' peaks (each beside the run's state); False when one does not fit."""
+    rows = [
+        (r.job.describe(), r.peak, f"lower {r.job.override}") for r in estimate.renders
+    ] + [
+        (f"evaluator {e.kind} {e.name} ({str(e.dtype).removeprefix('torch.')}, batch {e.batch_size})", e.peak,
+         e.note or f"lower eval.batch_size, or set eval.{e.kind} = \"\"")
+        for e in estimate.evaluators
+    ]  # fmt: skip
+    if not rows:
+        return True
+    print("rendering and evaluation, beside the run's state (the same at any batch size):")
+    fits = True
+    for what, peak, advice in rows:
+        if peak is None:
+            print(f"  {what}: not estimated: {advice}")
+            continue
+        planned = with_margin(peak.total)
+        verdict = "fits" if planned <= budget else f"does not fit: {advice}"
+        fits = fits and planned <= budget
+        print(
+            f"  {what}: {format_gib(peak.total)} ({format_gib(planned)} with the margin), "
+            f"{peak.phase} at {peak.module or '-'}; {verdict}"
+        )
+    return fits
 
 
 def _print_options(recipe, estimate, batch, budget, device, memory_options, format_gib, with_margin) -> None:

@@ -7,6 +7,7 @@ above autograd, as autocast does, so the casts it makes are what autograd saves 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -78,3 +79,16 @@ class CudaAutocastRules(TorchFunctionMode):
             args = self._cast(args, torch.float32, only_from_low=True)
             kwargs = {k: self._cast(v, torch.float32, only_from_low=True) for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+
+def checkpoint_under_rules(dtype: torch.dtype) -> Any:
+    """diffusers' default checkpointing (non-reentrant), with the CUDA autocast rules in the recompute."""
+    from torch.utils.checkpoint import checkpoint
+
+    def contexts() -> tuple[Any, Any]:
+        return contextlib.nullcontext(), CudaAutocastRules(dtype, cache=False)
+
+    def run(module: torch.nn.Module, *args: Any) -> Any:
+        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    return run

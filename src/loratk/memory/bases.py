@@ -122,10 +122,17 @@ def build_meta_model(family: Any, configs: dict[str, dict[str, Any]], source: st
     )
 
 
-def materialise_fake(modules: list[torch.nn.Module], tracker: MemoryTracker, *, real: bool = False) -> None:
+def materialise_fake(
+    modules: list[torch.nn.Module],
+    tracker: MemoryTracker,
+    *,
+    real: bool = False,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Give the meta parameters and buffers of `modules` fake CPU storage (inside a FakeTensorMode), or,
     with `real`, real CPU storage (random weights, zero buffers: for measuring a real step), counted by
-    `tracker` as weights or trainable weights. Shared tensors stay shared."""
+    `tracker` as weights or trainable weights. Shared tensors stay shared. `dtype`: floating-point tensors
+    get it (a model loaded in half precision)."""
     done: dict[int, torch.Tensor] = {}
     for root in modules:
         for module in root.modules():
@@ -134,7 +141,8 @@ def materialise_fake(modules: list[torch.nn.Module], tracker: MemoryTracker, *, 
                     if tensor is None:
                         continue
                     if id(tensor) not in done:
-                        fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
+                        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                        fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=cast)
                         if real:  # every page written, as loaded weights are
                             with torch.no_grad():
                                 fake.normal_(0, 0.02) if fake.is_floating_point() else fake.zero_()

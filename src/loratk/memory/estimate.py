@@ -8,8 +8,8 @@ clipping, step, `zero_grad`), with `MemoryTracker` counting the live bytes. A se
 per image, so the largest batch that fits a budget follows from the line.
 
 Not modelled: cuDNN / cuBLAS workspaces, attention kernels' scratch buffers, the CUDA context (about 0.3-0.5
-GiB), the caching allocator's rounding and fragmentation, and sampling or class-image generation (which runs
-before or between training steps). `SAFETY_MARGIN` covers them; `fits` adds it to the prediction.
+GiB), the caching allocator's rounding and fragmentation. `SAFETY_MARGIN` covers them; `with_margin` adds it
+to a prediction. Sampling and class images, which run between or before the steps, are `memory.render`'s.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loratk.memory.sizes import format_gib
-from loratk.memory.tracker import CATEGORIES, MemoryTracker, PeakBreakdown
+from loratk.memory.tracker import MemoryTracker, PeakBreakdown
 
 if TYPE_CHECKING:
+    from loratk.memory.evaluators import EvaluatorEstimate
+    from loratk.memory.render import RenderEstimate
     from loratk.recipe import Recipe
 
 GIB = 2**30
@@ -109,6 +110,7 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda", real: bool = False) -
             "optim.name = 'adamw8bit': bitsandbytes' 8-bit states cannot run on fake tensors; estimate with "
             "optim.name=adamw (the plan prints what the 8-bit optimizer saves)"
         )
+    from loratk.memory.autocast import checkpoint_under_rules
     from loratk.memory.bases import build_meta_model, load_model_configs, materialise_fake
 
     configs = load_model_configs(recipe.model.path, family)
@@ -118,7 +120,8 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda", real: bool = False) -
     # The same calls, in the same order, as `TrainingRun._setup_model`.
     adapter = method.build_adapter(recipe)
     freeze_and_cast(model, meta, weight_dtype, keep_fp32=adapter.fp32_parts(model))
-    adapter.apply(model)
+    with meta:  # adapter layers are made on the meta device too (not on the CPU, then moved: seconds)
+        adapter.apply(model)
     trainables = adapter.trainable_modules(model)
     if recipe.train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -128,7 +131,7 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda", real: bool = False) -
         if device_type == "cuda" and weight_dtype != torch.float32:
             # A recomputed block runs inside backward, where no function mode of the forward is active; torch
             # restores its own autocast there, so the CUDA rules are restored the same way.
-            model.unet.enable_gradient_checkpointing(_checkpoint_under_rules(weight_dtype))
+            model.unet.enable_gradient_checkpointing(checkpoint_under_rules(weight_dtype))
     perf = recipe.performance
     apply_performance_options(
         model.unet, attention=perf.attention, tf32=perf.tf32, channels_last=perf.channels_last
@@ -163,27 +166,12 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda", real: bool = False) -
         try:
             yield _FakeRun(
                 recipe, model, trainables, optimizer, objective, tracker, mode, device_type, weight_dtype,
-                cached_latents, cached_text, {"device": torch.device("cpu"), "offloaded": offloaded, "configs": configs, "conditioning": conditioning},
+                cached_latents, cached_text, {"device": torch.device("cpu"), "offloaded": offloaded, "configs": configs, "conditioning": conditioning, "real": real},
             )  # fmt: skip
         finally:
             tracker.close()
             if hasattr(optimizer, "remove_hooks"):
                 optimizer.remove_hooks()
-
-
-def _checkpoint_under_rules(dtype: torch.dtype) -> Any:
-    """diffusers' default checkpointing (non-reentrant), with the CUDA autocast rules in the recompute."""
-    from torch.utils.checkpoint import checkpoint
-
-    from loratk.memory.autocast import CudaAutocastRules
-
-    def contexts() -> tuple[Any, Any]:
-        return contextlib.nullcontext(), CudaAutocastRules(dtype, cache=False)
-
-    def run(module: torch.nn.Module, *args: Any) -> Any:
-        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
-
-    return run
 
 
 def _params(optimizer: Any) -> list[torch.Tensor]:
@@ -259,8 +247,11 @@ def _autocast(run: _FakeRun) -> Any:
     return torch.autocast("cpu", dtype=run.weight_dtype)
 
 
-def run_step(run: _FakeRun, batch_size: int) -> StepEstimate:
-    """One training step on a fake batch, as `core/loop.py` runs it; the peak of that step."""
+def run_step(run: _FakeRun, batch_size: int, *, optimizer: bool = True) -> StepEstimate:
+    """One training step on a fake batch, as `core/loop.py` runs it; the peak of that step.
+
+    `optimizer=False` leaves out clipping and the (unfused) optimizer step: for a second point of the line
+    when the first step peaked before them (their memory does not depend on the batch)."""
     start = time.perf_counter()
     tracker = run.tracker
     if not tracker.categories or "optimizer" not in tracker.categories.values():
@@ -284,9 +275,10 @@ def run_step(run: _FakeRun, batch_size: int) -> StepEstimate:
         out.loss.backward()
         del out
         tracker.phase = "optimizer"
-        if run.recipe.train.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(grads, run.recipe.train.max_grad_norm)
-        run.optimizer.step()
+        if optimizer or fused:
+            if run.recipe.train.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(grads, run.recipe.train.max_grad_norm)
+            run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     finally:
         for h in handles:
@@ -316,6 +308,8 @@ class MemoryEstimate:
     fixed_bytes: float
     per_image_bytes: float
     seconds: float
+    renders: tuple[RenderEstimate, ...] = ()  # class images and samples, when asked for
+    evaluators: tuple[EvaluatorEstimate, ...] = ()  # the image metrics' models, when asked for
 
     def peak_bytes(self, batch_size: int) -> float:
         return self.fixed_bytes + self.per_image_bytes * batch_size
@@ -355,38 +349,44 @@ def estimate_memory(
     *,
     device_type: str = "cuda",
     budget_bytes: int | None = None,
+    renders: bool = False,
+    evaluators: bool = False,
 ) -> MemoryEstimate:
     """Steps at two batch sizes (default: the recipe's and one more, or 1 and 2 for `auto`) and their line.
 
     With `budget_bytes`, `NothingFits` is raised before any step when the weights and the optimizer state
-    alone do not fit it."""
+    alone do not fit it. With `renders`, the class images (before the optimizer has state, as in the run) and
+    the samples (after a step, the optimizer's state held) are estimated too (`memory.render`); with
+    `evaluators`, each feature model of the image metrics beside the run's state (`memory.evaluators`)."""
+    from loratk.memory.evaluators import build_meta_evaluators, run_evaluator
+    from loratk.memory.render import render_jobs, run_render
+
     start = time.perf_counter()
     if batch_sizes is None:
         b = _recipe_batch(recipe, default=1)
         batch_sizes = (b, b + 1) if b > 1 else (1, 2)
+    jobs = render_jobs(recipe) if renders else []
+    meta_evaluators = build_meta_evaluators(recipe) if evaluators else []
+    done: list[RenderEstimate] = []
     with fake_run(recipe, device_type=device_type) as run:
+        done += [run_render(run, job) for job in jobs if job.what == "class images"]
         if budget_bytes is not None:
             warm_up_optimizer(run)
             if with_margin(run.tracker.current) > budget_bytes:
                 raise NothingFits(run.tracker.current, budget_bytes)
         first = run_step(run, batch_sizes[0])
-        second = run_step(run, batch_sizes[1])
+        # A larger batch only adds activations, so a step that peaked in forward or backward peaks there
+        # again; the optimizer's phase (batch-independent) need not run twice.
+        second = run_step(run, batch_sizes[1], optimizer=first.peak.phase == "optimizer")
+        done += [run_render(run, job) for job in jobs if job.what != "class images"]
+        scored = [run_evaluator(run, e, recipe.eval.batch_size) for e in meta_evaluators]
     per_image = (second.peak.total - first.peak.total) / (second.batch_size - first.batch_size)
     fixed = first.peak.total - per_image * first.batch_size
-    return MemoryEstimate((first, second), fixed, per_image, time.perf_counter() - start)
+    return MemoryEstimate(
+        (first, second), fixed, per_image, time.perf_counter() - start, tuple(done), tuple(scored)
+    )
 
 
 def _recipe_batch(recipe: Recipe, default: int = 1) -> int:
     batch = recipe.train.batch_size
     return batch if isinstance(batch, int) else default
-
-
-def describe_breakdown(peak: PeakBreakdown) -> list[str]:
-    labels = {
-        "weights": "frozen weights",
-        "trainable": "trainable weights",
-        "gradients": "gradients",
-        "optimizer": "optimizer state",
-        "activations": "activations and temporaries",
-    }
-    return [f"{labels[c]:<28} {format_gib(peak.by_category[c]):>11}" for c in CATEGORIES]

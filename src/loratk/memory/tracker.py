@@ -17,6 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from loratk.memory.sizes import format_gib
+
 CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activations")
 
 
@@ -130,13 +132,18 @@ class MemoryTracker(TorchDispatchMode):
     # ------------------------------------------------------------------ where the step is
     def watch_modules(self, modules: dict[str, torch.nn.Module]) -> None:
         """Name the modules of `modules` (prefix -> root), so the peak says which one was running."""
+        self.name_modules(modules)
+        if not self._hooks:
+            self._hooks = [
+                torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
+                torch.nn.modules.module.register_module_forward_hook(self._leave, always_call=True),
+            ]
+
+    def name_modules(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Add names (prefix -> root) to those `watch_modules` gave: a model built later (an evaluator)."""
         for prefix, root in modules.items():
             for name, module in root.named_modules():
                 self._names[id(module)] = f"{prefix}.{name}" if name else prefix
-        self._hooks = [
-            torch.nn.modules.module.register_module_forward_pre_hook(self._enter),
-            torch.nn.modules.module.register_module_forward_hook(self._leave, always_call=True),
-        ]
 
     def _enter(self, module: torch.nn.Module, args: Any) -> None:
         name = self._names.get(id(module))
@@ -151,3 +158,14 @@ class MemoryTracker(TorchDispatchMode):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def describe_breakdown(peak: PeakBreakdown) -> list[str]:
+    labels = {
+        "weights": "frozen weights",
+        "trainable": "trainable weights",
+        "gradients": "gradients",
+        "optimizer": "optimizer state",
+        "activations": "activations and temporaries",
+    }
+    return [f"{labels[c]:<28} {format_gib(peak.by_category[c]):>11}" for c in CATEGORIES]

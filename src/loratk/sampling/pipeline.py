@@ -69,9 +69,20 @@ def build_pipeline(
 
 
 def decode_latents(vae: Any, latents: torch.Tensor, image_processor: Any) -> list[Image.Image]:
-    """Scaled latents [B, 4, H/8, W/8] -> PIL images, never with the VAE in fp16 (SDXL's VAE gives NaN there).
+    """Scaled latents [B, 4, H/8, W/8] -> PIL images, never with the VAE in fp16 (see `vae_decode`)."""
+    pixels = vae_decode(vae, latents)
+    if not torch.isfinite(pixels).all():
+        raise SampleError(
+            "the decoded image is not finite (NaN/inf): the adapter may have diverged (check train/loss)"
+        )
+    return image_processor.postprocess(pixels.float(), output_type="pil")
 
-    An fp16 VAE is upcast to fp32 for the decode and put back afterwards.
+
+def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents [B, 4, H/8, W/8] -> pixels [B, 3, H, W] in [-1, 1], under `torch.no_grad`.
+
+    Never in fp16 (SDXL's VAE gives NaN there): an fp16 VAE is upcast to fp32 for the decode and put back
+    afterwards. `loratk plan` runs this very function on fake tensors for the decode's memory.
     """
     upcast = vae.dtype == torch.float16
     if upcast:
@@ -89,15 +100,10 @@ def decode_latents(vae: Any, latents: torch.Tensor, image_processor: Any) -> lis
         else:
             latents = latents / config.scaling_factor
         with torch.no_grad():
-            pixels = vae.decode(latents).sample  # [B, 3, H, W] in [-1, 1]
+            return vae.decode(latents).sample
     finally:
         if upcast:
             vae.to(torch.float16)
-    if not torch.isfinite(pixels).all():
-        raise SampleError(
-            "the decoded image is not finite (NaN/inf): the adapter may have diverged (check train/loss)"
-        )
-    return image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 def _batches(specs: Sequence[ImageSpec], batch_size: int) -> Iterator[list[ImageSpec]]:
