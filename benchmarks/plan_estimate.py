@@ -3,6 +3,7 @@ against the same step measured on real CPU tensors.
 
     python benchmarks/plan_estimate.py                       # predictions for (a) (b) (c), full-size SDXL
     python benchmarks/plan_estimate.py --configs a           # the seed recipe only (the < 60 s goal)
+    python benchmarks/plan_estimate.py --parallel --renders  # as `loratk plan` runs it, with its renders
     python benchmarks/plan_estimate.py --measure --unet mid  # estimate vs a real CPU step, mid-size UNet
     python benchmarks/plan_estimate.py --measure --unet full # the same on the full-size SDXL UNet (slow, ~20 GB)
 
@@ -198,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(MEASURED), help="measured cases")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="the second step in a forked process, as `loratk plan` runs it",
+    )
+    parser.add_argument(
+        "--renders", action="store_true", help="also class images, samples and evaluators, as `loratk plan`"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.measure:
@@ -216,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         if config.key not in args.configs.split(","):
             continue
         recipe = load_recipe(REPO / config.recipe, list(config.overrides))
-        estimate = estimate_memory(recipe)
+        estimate = estimate_memory(
+            recipe, parallel=args.parallel, renders=args.renders, evaluators=args.renders
+        )
         peak = estimate.points[0].peak
         print(
             f"({config.key}) {config.description}: peak {peak.total / GIB:.2f} GiB "
@@ -224,6 +235,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{estimate.fixed_bytes / GIB:.2f} + {estimate.per_image_bytes / GIB:.3f} GiB per image, "
             f"in {peak.phase} at {peak.module}; estimated in {estimate.seconds:.0f} s"
         )
+        for render in estimate.renders:
+            print(
+                f"    {render.job.describe()}: {render.peak.total / GIB:.2f} GiB, {render.peak.phase} at "
+                f"{render.peak.module} ({render.seconds:.0f} s)"
+            )
+        for evaluator in estimate.evaluators:
+            found = evaluator.peak
+            print(
+                f"    evaluator {evaluator.kind} {evaluator.name}: "
+                + (f"{found.total / GIB:.2f} GiB ({evaluator.seconds:.0f} s)" if found else evaluator.note)
+            )
     return 0
 
 

@@ -93,6 +93,24 @@ def test_chosen_batch_fits_and_the_next_does_not(tiny_steps):
     assert estimate.max_batch(with_margin(first.peak.total) - 1) == 0
 
 
+def test_the_forked_second_step_gives_the_same_line(tmp_path, monkeypatch):
+    """`loratk plan` runs the line's second step in a forked process beside the first: same numbers."""
+    import os
+
+    from loratk.memory.estimate import _can_fork, estimate_memory
+
+    if not _can_fork():
+        pytest.skip("needs fork and two cores")
+    recipe = _recipe(tmp_path)
+    alone = estimate_memory(recipe, batch_sizes=(1, 2))
+    forks, fork = [], os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or fork())
+    forked = estimate_memory(recipe, batch_sizes=(1, 2), parallel=True)
+    assert forks == [1]
+    assert [p.peak for p in forked.points] == [p.peak for p in alone.points]
+    assert forked.per_image_bytes == alone.per_image_bytes > 0
+
+
 def test_plan_refuses_a_recipe_error(tmp_path, capsys):
     from loratk.cli import main
 

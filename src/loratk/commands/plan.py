@@ -76,7 +76,12 @@ def _report(recipe, args: argparse.Namespace, budget: int) -> int:
     auto = recipe.train.batch_size == "auto"
     try:
         estimate = estimate_memory(
-            recipe, device_type=args.device, budget_bytes=budget, renders=True, evaluators=True
+            recipe,
+            device_type=args.device,
+            budget_bytes=budget,
+            renders=True,
+            evaluators=True,
+            parallel=True,
         )
     except NothingFits as err:
         print(f"{args.recipe}: {err}", file=sys.stderr)
