@@ -94,21 +94,23 @@ def test_chosen_batch_fits_and_the_next_does_not(tiny_steps):
 
 
 def test_the_forked_second_step_gives_the_same_line(tmp_path, monkeypatch):
-    """`loratk plan` runs the line's second step in a forked process beside the first: same numbers."""
+    """`loratk plan` runs the line's second step and the samples in a forked process beside the first step:
+    the same numbers."""
     import os
 
     from loratk.memory.estimate import _can_fork, estimate_memory
 
     if not _can_fork():
         pytest.skip("needs fork and two cores")
-    recipe = _recipe(tmp_path)
-    alone = estimate_memory(recipe, batch_sizes=(1, 2))
+    recipe = _recipe(tmp_path, sample={"prompts": ["a cat"]})
+    alone = estimate_memory(recipe, batch_sizes=(1, 2), renders=True)
     forks, fork = [], os.fork
     monkeypatch.setattr(os, "fork", lambda: forks.append(1) or fork())
-    forked = estimate_memory(recipe, batch_sizes=(1, 2), parallel=True)
+    forked = estimate_memory(recipe, batch_sizes=(1, 2), renders=True, parallel=True)
     assert forks == [1]
     assert [p.peak for p in forked.points] == [p.peak for p in alone.points]
     assert forked.per_image_bytes == alone.per_image_bytes > 0
+    assert [r.peak for r in forked.renders] == [r.peak for r in alone.renders] != []  # the samples too
 
 
 def test_plan_refuses_a_recipe_error(tmp_path, capsys):

@@ -359,8 +359,8 @@ def estimate_memory(
     alone do not fit it. With `renders`, the class images (before the optimizer has state, as in the run) and
     the samples (after a step, the optimizer's state held) are estimated too (`memory.render`); with
     `evaluators`, each feature model of the image metrics beside the run's state (`memory.evaluators`).
-    `parallel`: the second step runs in a forked process beside the first, where fork and a second core exist
-    (the same numbers, in about half the time of the two steps)."""
+    `parallel`: the second step and the samples run in a forked process beside the first step and the
+    evaluators, where fork and a second core exist (the same numbers, in about half the time)."""
     from loratk.memory.evaluators import build_meta_evaluators, run_evaluator
     from loratk.memory.render import render_jobs, run_render
 
@@ -376,22 +376,29 @@ def estimate_memory(
         warm_up_optimizer(run)
         if budget_bytes is not None and with_margin(run.tracker.current) > budget_bytes:
             raise NothingFits(run.tracker.current, budget_bytes)
-        # The second point needs no optimizer phase: its memory does not depend on the batch (below).
+
+        def second_point() -> tuple[StepEstimate, list[RenderEstimate]]:
+            # No optimizer phase: its memory does not depend on the batch (see below). The samples come
+            # after a step, as in the run (the optimizer's state held, the gradients freed).
+            step = run_step(run, batch_sizes[1], optimizer=False)
+            return step, [run_render(run, job) for job in jobs if job.what != "class images"]
+
         if parallel and _can_fork():
-            child = _ForkedStep(run, batch_sizes[1])
+            child = _Forked(second_point)
             try:
                 first = run_step(run, batch_sizes[0])
+                scored = [run_evaluator(run, e, recipe.eval.batch_size) for e in meta_evaluators]
             except BaseException:
                 child.kill()
                 raise
-            second = child.result()
+            second, samples = child.result()
         else:
             first = run_step(run, batch_sizes[0])
-            second = run_step(run, batch_sizes[1], optimizer=False)
+            second, samples = second_point()
+            scored = [run_evaluator(run, e, recipe.eval.batch_size) for e in meta_evaluators]
         if first.peak.phase == "optimizer" and first.peak.total > second.peak.total:
             second = StepEstimate(second.batch_size, first.peak, second.seconds)  # the same phase, peaking
-        done += [run_render(run, job) for job in jobs if job.what != "class images"]
-        scored = [run_evaluator(run, e, recipe.eval.batch_size) for e in meta_evaluators]
+        done += samples
     per_image = (second.peak.total - first.peak.total) / (second.batch_size - first.batch_size)
     fixed = first.peak.total - per_image * first.batch_size
     return MemoryEstimate(
@@ -406,22 +413,21 @@ def _can_fork() -> bool:
     return hasattr(os, "fork") and sys.platform == "linux" and (os.cpu_count() or 1) >= 2
 
 
-class _ForkedStep:
-    """`run_step(run, batch_size, optimizer=False)` in a forked process, on its copy of the run; `result()`
-    waits for its estimate (`EstimateError` if it failed), `kill()` stops it."""
+class _Forked:
+    """`work()` in a forked process, on its copy of everything (the fake run); `result()` waits for what it
+    returned (`EstimateError` if it failed), `kill()` stops it."""
 
-    def __init__(self, run: _FakeRun, batch_size: int):
+    def __init__(self, work: Any):
         import os
         import pickle
 
-        self.batch_size = batch_size
         read, write = os.pipe()
         self.pid = os.fork()
-        if self.pid == 0:  # the child: one step, its estimate down the pipe, then out without cleaning up
+        if self.pid == 0:  # the child: the work, its result down the pipe, then out without cleaning up
             os.close(read)
             try:
                 torch.set_num_threads(1)
-                payload = pickle.dumps(("ok", run_step(run, batch_size, optimizer=False)))
+                payload = pickle.dumps(("ok", work()))
             except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent
                 payload = pickle.dumps(("error", f"{type(err).__name__}: {err}"))
             with os.fdopen(write, "wb") as pipe:
@@ -430,7 +436,7 @@ class _ForkedStep:
         os.close(write)
         self.read = read
 
-    def result(self) -> StepEstimate:
+    def result(self) -> Any:
         import os
         import pickle
 
@@ -439,7 +445,7 @@ class _ForkedStep:
         os.waitpid(self.pid, 0)
         status, value = pickle.loads(data) if data else ("error", "the process died")
         if status != "ok":
-            raise EstimateError(f"the step at batch {self.batch_size} failed: {value}")
+            raise EstimateError(f"the estimate's second process failed: {value}")
         return value
 
     def kill(self) -> None:
