@@ -98,9 +98,10 @@ def test_the_forked_second_step_gives_the_same_line(tmp_path, monkeypatch):
     the same numbers."""
     import os
 
-    from loratk.memory.estimate import _can_fork, estimate_memory
+    from loratk.memory.estimate import estimate_memory
+    from loratk.memory.forked import can_fork
 
-    if not _can_fork():
+    if not can_fork():
         pytest.skip("needs fork and two cores")
     recipe = _recipe(tmp_path, sample={"prompts": ["a cat"]})
     alone = estimate_memory(recipe, batch_sizes=(1, 2), renders=True)

@@ -65,9 +65,11 @@ def _pipeline_peak(run, job: RenderJob) -> int:
         return run.tracker.breakdown().total
 
 
-def test_sample_estimate_matches_the_sampler_on_real_tensors(tmp_path):
+@pytest.mark.parametrize("model", ["builtin:tiny-sdxl", "builtin:tiny-sd15"])
+def test_sample_estimate_matches_the_sampler_on_real_tensors(tmp_path, model):
     recipe = _recipe(
         tmp_path,
+        model={"path": model},
         sample={"prompts": ["a cat --w 96 --h 64"], "guidance": 5.0},
         train={"mixed_precision": "no"},
     )

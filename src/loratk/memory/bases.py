@@ -31,7 +31,11 @@ def load_model_configs(path: str, family: Any) -> dict[str, dict[str, Any]]:
     fetched from the hub (config files only, never weights)."""
     parts = [*family.component_classes()]
     names = [p for p in parts if p not in family.tokenizer_names] + ["scheduler"]
-    if path.startswith("builtin:"):
+    from loratk.models.tiny_sd import TINY_SD_MODELS, materialise_tiny_sd
+
+    if path in TINY_SD_MODELS:  # read from its folder, built once (small, random)
+        path = str(materialise_tiny_sd(path))
+    elif path.startswith("builtin:"):
         return _tiny_configs(path)
     shipped = KNOWN_BASES.get(path)
     if shipped is None and path.endswith((".safetensors", ".sft")):

@@ -100,11 +100,7 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda", real: bool = False) -
 
     recipe = _memory_view(recipe)
     method = method_of(recipe)
-    family = family_for_model(recipe.model.path) if not recipe.model.path.startswith("builtin:") else None
-    if family is None:
-        from loratk.models.sdxl import SDXL
-
-        family = SDXL
+    family = family_for_model(recipe.model.path, recipe.model.family)
     if recipe.optim.name == "adamw8bit":
         raise EstimateError(
             "optim.name = 'adamw8bit': bitsandbytes' 8-bit states cannot run on fake tensors; estimate with "
@@ -207,7 +203,7 @@ def build_fake_batch(run: _FakeRun, batch_size: int) -> dict[str, Any]:
     """A batch as the run's dataloader gives it: cached latents and text embeddings where the caches
     apply, pixels and captions where they do not (DreamBooth with prior preservation: instance + class)."""
     recipe, device = run.recipe, run.extras["device"]
-    width, height = _resolution(recipe.data.resolution)
+    width, height = recipe.data.size
     images = batch_size
     batch: dict[str, Any] = {}
     if recipe.dreambooth is not None:
@@ -229,12 +225,6 @@ def build_fake_batch(run: _FakeRun, batch_size: int) -> dict[str, Any]:
     size = torch.tensor([[height, width]] * images, device=device)
     batch.update(original_sizes=size, crop_top_lefts=torch.zeros_like(size), target_sizes=size.clone())
     return batch
-
-
-def _resolution(resolution: Any) -> tuple[int, int]:
-    if isinstance(resolution, int):
-        return resolution, resolution
-    return int(resolution[0]), int(resolution[1])
 
 
 def _autocast(run: _FakeRun) -> Any:
@@ -355,13 +345,12 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Steps at two batch sizes (default: the recipe's and one more, or 1 and 2 for `auto`) and their line.
 
-    With `budget_bytes`, `NothingFits` is raised before any step when the weights and the optimizer state
-    alone do not fit it. With `renders`, the class images (before the optimizer has state, as in the run) and
-    the samples (after a step, the optimizer's state held) are estimated too (`memory.render`); with
-    `evaluators`, each feature model of the image metrics beside the run's state (`memory.evaluators`).
-    `parallel`: the second step and the samples run in a forked process beside the first step and the
-    evaluators, where fork and a second core exist (the same numbers, in about half the time)."""
+    `budget_bytes`: `NothingFits` before any step if the weights and the optimizer state alone exceed it.
+    `renders`: class images (before the optimizer has state) and samples (after a step), `memory.render`;
+    `evaluators`: each image-metric model beside the run's state, `memory.evaluators`. `parallel`: the second
+    step and the samples in a forked process beside the rest, where it can (the same numbers, faster)."""
     from loratk.memory.evaluators import build_meta_evaluators, run_evaluator
+    from loratk.memory.forked import Forked, can_fork
     from loratk.memory.render import render_jobs, run_render
 
     start = time.perf_counter()
@@ -383,8 +372,8 @@ def estimate_memory(
             step = run_step(run, batch_sizes[1], optimizer=False)
             return step, [run_render(run, job) for job in jobs if job.what != "class images"]
 
-        if parallel and _can_fork():
-            child = _Forked(second_point)
+        if parallel and can_fork():
+            child = Forked(second_point)
             try:
                 first = run_step(run, batch_sizes[0])
                 scored = [run_evaluator(run, e, recipe.eval.batch_size) for e in meta_evaluators]
@@ -404,58 +393,6 @@ def estimate_memory(
     return MemoryEstimate(
         (first, second), fixed, per_image, time.perf_counter() - start, tuple(done), tuple(scored)
     )
-
-
-def _can_fork() -> bool:
-    import os
-    import sys
-
-    return hasattr(os, "fork") and sys.platform == "linux" and (os.cpu_count() or 1) >= 2
-
-
-class _Forked:
-    """`work()` in a forked process, on its copy of everything (the fake run); `result()` waits for what it
-    returned (`EstimateError` if it failed), `kill()` stops it."""
-
-    def __init__(self, work: Any):
-        import os
-        import pickle
-
-        read, write = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: the work, its result down the pipe, then out without cleaning up
-            os.close(read)
-            try:
-                torch.set_num_threads(1)
-                payload = pickle.dumps(("ok", work()))
-            except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent
-                payload = pickle.dumps(("error", f"{type(err).__name__}: {err}"))
-            with os.fdopen(write, "wb") as pipe:
-                pipe.write(payload)
-            os._exit(0)
-        os.close(write)
-        self.read = read
-
-    def result(self) -> Any:
-        import os
-        import pickle
-
-        with os.fdopen(self.read, "rb") as pipe:
-            data = pipe.read()
-        os.waitpid(self.pid, 0)
-        status, value = pickle.loads(data) if data else ("error", "the process died")
-        if status != "ok":
-            raise EstimateError(f"the estimate's second process failed: {value}")
-        return value
-
-    def kill(self) -> None:
-        import os
-        import signal
-
-        with contextlib.suppress(OSError):
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-            os.close(self.read)
 
 
 def _recipe_batch(recipe: Recipe, default: int = 1) -> int:
