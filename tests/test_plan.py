@@ -123,6 +123,15 @@ def test_plan_refuses_a_recipe_error(tmp_path, capsys):
     assert "learning_rate" in capsys.readouterr().err
 
 
+def test_plan_explains_that_the_gan_baselines_are_not_estimated(tmp_path, capsys):
+    from loratk.cli import main
+
+    path = tmp_path / "gan.toml"
+    path.write_text('name = "g"\nmethod = "dcgan"\n[data]\ndir = "images"\nresolution = 64\n')
+    assert main(["plan", str(path)]) == 2
+    assert "method = 'dcgan' trains from scratch, without a base model" in capsys.readouterr().err
+
+
 def test_plan_says_when_nothing_fits(tmp_path, capsys):
     from loratk.cli import main
 

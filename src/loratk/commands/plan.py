@@ -90,7 +90,7 @@ def _report(recipe, args: argparse.Namespace, budget: int) -> int:
     peak = estimate.points[0].peak
     largest = estimate.max_batch(budget)
     print(
-        f"{args.recipe}: {method_of(recipe).name} on {recipe.model.path}, {recipe.train.mixed_precision}, "
+        f"{args.recipe}: {method_of(recipe).name} on {recipe.model.path}, {precision_label(recipe)}, "
         f"{'batch auto' if auto else f'batch {batch}'} ({args.device} autocast rules)"
     )
     print(
@@ -120,6 +120,11 @@ def _report(recipe, args: argparse.Namespace, budget: int) -> int:
     print(f"batch {batch} does not fit: set train.batch_size = {largest}, or use a memory option")
     _print_options(recipe, estimate, batch, budget, args.device, memory_options, format_gib, with_margin)
     return 1
+
+
+def precision_label(recipe) -> str:
+    mixed = recipe.train.mixed_precision
+    return "fp32" if mixed == "no" else mixed
 
 
 def _print_between_steps(estimate, budget: int, format_gib, with_margin) -> bool:

@@ -100,6 +100,12 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda", real: bool = False) -
 
     recipe = _memory_view(recipe)
     method = method_of(recipe)
+    if method.build_adapter is None:
+        raise EstimateError(
+            f"method = {method.name!r} trains from scratch, without a base model: the estimate covers the "
+            "diffusion methods (lora, dreambooth, dreambooth-lora); the GAN baselines hold a few million "
+            "weights (benchmarks/gan_steps.py times them)"
+        )
     family = family_for_model(recipe.model.path, recipe.model.family)
     if recipe.optim.name == "adamw8bit":
         raise EstimateError(
