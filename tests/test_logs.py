@@ -41,6 +41,9 @@ def test_known_library_noise_is_dropped_and_real_warnings_kept(capfd, configured
     )
     assert not kept("transformers.models.clip", torchvision)  # transformers prints through its own handler
     assert kept("transformers.models.clip", "a real problem")
+    cast = "There are modules in UNet2DConditionModel that should be kept in float32: {}. Casting directly"
+    assert not kept("diffusers.models.modeling_utils", cast.format("[]"))  # nothing to keep: noise
+    assert kept("diffusers.models.modeling_utils", cast.format("['conv_in']"))
     logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
         "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
     )

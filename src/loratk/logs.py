@@ -15,6 +15,8 @@ KNOWN_NOISE = (
     ("transformers", re.compile(r"requires torchvision")),
     # bitsandbytes' CPU backend looks for an optional kernel package at import.
     ("bitsandbytes", re.compile(r"kernels")),
+    # diffusers warns on every cast of a model, even one with no module to keep in fp32 (the list is empty).
+    ("diffusers", re.compile(r"should be kept in float32: \[\]")),
 )
 _RANK = re.compile(r"^\[RANK \d+\] ")
 

@@ -38,7 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loratk.logs import configure_logging
     from loratk.memory.sizes import parse_size
+
+    configure_logging()
     from loratk.recipe import RecipeError, load_recipe
 
     try:
