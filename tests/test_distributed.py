@@ -82,6 +82,20 @@ def _launch(recipe: Path, cwd: Path, processes: int, *overrides: str) -> subproc
     )
 
 
+def _train_in_this_process(recipe: Path, cwd: Path, *overrides: str) -> None:
+    """The 1-process reference run, as `loratk.train` runs it (`train`), in this process: what a 1-process
+    launch would write, without starting the launcher and a trainer."""
+    from loratk.recipe import load_recipe
+    from loratk.run import train
+
+    old = Path.cwd()
+    os.chdir(cwd)  # the recipe's paths are relative
+    try:
+        train(load_recipe(recipe, list(overrides)))
+    finally:
+        os.chdir(old)
+
+
 # One uninterrupted 2-process run, read by the tests below that check different things of it.
 DDP_RUN = dict(
     data={"dir": "images"}, train={"epochs": 2, "learning_rate": 1e-2, "save_state_every_n_steps": 1}
@@ -105,8 +119,7 @@ def test_two_processes_write_the_same_outputs_as_one(tmp_path, tiny_sdxl_dir, im
     # number of steps, or the run would hang at the epoch end (the subprocess timeout catches a hang).
     shared, two = ddp_run
     path = _write(tmp_path, tiny_sdxl_dir, images_dir, "two", **DDP_RUN)
-    one = _launch(path, tmp_path, 1, "name=one")
-    assert one.returncode == 0, one.stderr[-3000:]
+    _train_in_this_process(path, tmp_path, "name=one")
     assert "2 process(es)" in two.stderr
 
     def names(root: Path, run: str) -> list[str]:  # the final adapter is named after the run
@@ -176,7 +189,7 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, ti
         "two",
         **{**common, "train": {**common["train"], "batch_size": 2}},
     )
-    assert _launch(one, tmp_path, 1).returncode == 0
+    _train_in_this_process(one, tmp_path)
     proc = _launch(two, tmp_path, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _weights(tmp_path / "runs/one/one.safetensors"), _weights(tmp_path / "runs/two/two.safetensors")
