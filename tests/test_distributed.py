@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_recipe, step_rows
+from helpers import copy_examples, make_recipe, step_rows
 from loratk.components.launch import resolve_accumulation
 from loratk.recipe import RecipeError
 
@@ -82,34 +82,51 @@ def _launch(recipe: Path, cwd: Path, processes: int, *overrides: str) -> subproc
     )
 
 
-@pytest.mark.slow
-def test_two_processes_write_the_same_outputs_as_one(tmp_path, tiny_sdxl_dir, images_dir):
-    from loratk.recipe import dump_recipe
+def _train_in_this_process(recipe: Path, cwd: Path, *overrides: str) -> None:
+    """The 1-process reference run, as `loratk.train` runs it (`train`), in this process: what a 1-process
+    launch would write, without starting the launcher and a trainer."""
+    from loratk.recipe import load_recipe
+    from loratk.run import train
 
+    old = Path.cwd()
+    os.chdir(cwd)  # the recipe's paths are relative
+    try:
+        train(load_recipe(recipe, list(overrides)))
+    finally:
+        os.chdir(old)
+
+
+# One uninterrupted 2-process run, read by the tests below that check different things of it.
+DDP_RUN = dict(
+    data={"dir": "images"}, train={"epochs": 2, "learning_rate": 1e-2, "save_state_every_n_steps": 1}
+)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_sdxl_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """`runs/two` of a 2-process `loratk.train` launch of the recipe `_write(..., "two", **DDP_RUN)` writes; its
+    paths are relative, so the same recipe in another folder writes the same files."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    recipe = _write(tmp, tiny_sdxl_dir, copy_examples(tmp / "images"), "two", **DDP_RUN)
+    two = _launch(recipe, tmp, 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return tmp, two
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_outputs_as_one(tmp_path, tiny_sdxl_dir, images_dir, ddp_run):
     # 6 images in 3 aspect buckets give an uneven number of batches: every rank must still get the same
     # number of steps, or the run would hang at the epoch end (the subprocess timeout catches a hang).
-    recipe = make_recipe(
-        tmp_path,
-        tiny_sdxl_dir,
-        images_dir,
-        name="two",
-        output_dir="runs",
-        data={"dir": "images"},
-        train={"epochs": 2, "save_state_every_n_steps": 1},
-    )
-    path = tmp_path / "two.toml"
-    path.write_text(dump_recipe(recipe))
-    one = _launch(path, tmp_path, 1, "name=one")
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _launch(path, tmp_path, 2)
-    assert two.returncode == 0, two.stderr[-3000:]
+    shared, two = ddp_run
+    path = _write(tmp_path, tiny_sdxl_dir, images_dir, "two", **DDP_RUN)
+    _train_in_this_process(path, tmp_path, "name=one")
     assert "2 process(es)" in two.stderr
 
-    def names(run: str) -> list[str]:  # the final adapter is named after the run
-        return sorted(p.name.replace(run, "NAME") for p in (tmp_path / "runs" / run).iterdir())
+    def names(root: Path, run: str) -> list[str]:  # the final adapter is named after the run
+        return sorted(p.name.replace(run, "NAME") for p in (root / "runs" / run).iterdir())
 
-    assert names("two") == names("one")
-    lines = step_rows(tmp_path / "runs" / "two" / "metrics.jsonl")
+    assert names(shared, "two") == names(tmp_path, "one")
+    lines = step_rows(shared / "runs" / "two" / "metrics.jsonl")
     assert [r["step"] for r in lines] == [1, 2, 3, 4]  # 6 images / (2 x 2) -> 2 steps per epoch, metrics once
 
 
@@ -172,7 +189,7 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, ti
         "two",
         **{**common, "train": {**common["train"], "batch_size": 2}},
     )
-    assert _launch(one, tmp_path, 1).returncode == 0
+    _train_in_this_process(one, tmp_path)
     proc = _launch(two, tmp_path, 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _weights(tmp_path / "runs/one/one.safetensors"), _weights(tmp_path / "runs/two/two.safetensors")
@@ -184,11 +201,11 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_kill_and_resume_with_two_processes_ends_with_the_same_weights(tmp_path, tiny_sdxl_dir, images_dir):
-    sections = dict(
-        data={"dir": "images"}, train={"epochs": 2, "learning_rate": 1e-2, "save_state_every_n_steps": 1}
-    )
-    recipe = _write(tmp_path, tiny_sdxl_dir, images_dir, "run", **sections)
+def test_kill_and_resume_with_two_processes_ends_with_the_same_weights(
+    tmp_path, tiny_sdxl_dir, images_dir, ddp_run
+):
+    shared, _ = ddp_run  # the uninterrupted run of the same recipe
+    recipe = _write(tmp_path, tiny_sdxl_dir, images_dir, "two", **DDP_RUN)
     (tmp_path / "driver.py").write_text(DRIVER)
     accelerate = Path(sys.executable).with_name("accelerate")
 
@@ -206,21 +223,18 @@ def test_kill_and_resume_with_two_processes_ends_with_the_same_weights(tmp_path,
         ]
         return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=600)
 
-    assert launch().returncode == 0
-
-    def trace() -> list[tuple]:
-        lines = step_rows(tmp_path / "runs/run/metrics.jsonl")
+    def trace(root: Path) -> list[tuple]:
+        lines = step_rows(root / "runs/two/metrics.jsonl")
         return [(r["step"], float.hex(r["train/loss"]), float.hex(r["lr/unet"])) for r in lines]
 
-    reference, metrics = (tmp_path / "runs/run/epoch2.safetensors").read_bytes(), trace()
-    import shutil
-
-    shutil.rmtree(tmp_path / "runs")
+    reference, metrics = (shared / "runs/two/epoch2.safetensors").read_bytes(), trace(shared)
+    assert [m[0] for m in metrics] == [1, 2, 3, 4]
     assert launch(KILL_AT=3).returncode != 0  # both ranks die after step 3 (mid-run, epoch 2)
+    assert not (tmp_path / "runs/two/epoch2.safetensors").exists()
     resumed = launch()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (tmp_path / "runs/run/epoch2.safetensors").read_bytes() == reference
-    assert trace() == metrics
+    assert (tmp_path / "runs/two/epoch2.safetensors").read_bytes() == reference
+    assert trace(tmp_path) == metrics
 
 
 def test_each_process_gets_its_own_deterministic_seed():
@@ -561,19 +575,17 @@ run.cleanup()
 
 
 @pytest.mark.slow
-def test_a_run_on_the_fsdp_config_trains_saves_and_resumes_like_ddp(tmp_path, tiny_sdxl_dir, images_dir):
-    """accelerate_configs/fsdp.yaml (FSDP2) on two CPU processes: 2 epochs, then resumed to 3, end with the
-    adapter of a 3-epoch DDP run; states are FSDP's sharded folders."""
+def test_a_run_on_the_fsdp_config_trains_saves_and_resumes_like_ddp(
+    tmp_path, tiny_sdxl_dir, images_dir, ddp_run
+):
+    """accelerate_configs/fsdp.yaml (FSDP2) on two CPU processes: 1 epoch, then resumed to 2, end with the
+    adapters of the 2-epoch DDP run of the same recipe (`ddp_run`); states are FSDP's sharded folders."""
     import torch
 
-    recipe = _write(
-        tmp_path,
-        tiny_sdxl_dir,
-        images_dir,
-        "fsdp",
-        train={"epochs": 2, "batch_size": 1},
-        optim={"name": "adamw"},
-    )
+    shared, _ = ddp_run
+    # The math of DDP_RUN; states at the epoch ends only (their frequency changes nothing that is trained).
+    train = {k: v for k, v in DDP_RUN["train"].items() if k != "save_state_every_n_steps"}
+    recipe = _write(tmp_path, tiny_sdxl_dir, images_dir, "fsdp", data=DDP_RUN["data"], train=train)
     (tmp_path / "driver.py").write_text(FSDP_TRAIN_DRIVER)
     accelerate = Path(sys.executable).with_name("accelerate")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -590,17 +602,16 @@ def test_a_run_on_the_fsdp_config_trains_saves_and_resumes_like_ddp(tmp_path, ti
         )
         assert done.returncode == 0, done.stderr[-4000:]
 
-    fsdp()
+    fsdp("train.epochs=1")
     states = sorted((tmp_path / "runs" / "fsdp" / "state").iterdir())
     assert states and all((s / "pytorch_model_fsdp_0").is_dir() for s in states)
-    fsdp("train.epochs=3")
-    ddp = _launch(recipe, tmp_path, 2, "name=ddp", "train.epochs=3")
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert not (tmp_path / "runs" / "fsdp" / "epoch2.safetensors").exists()
+    fsdp()
     metrics = step_rows(tmp_path / "runs" / "fsdp" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == list(range(1, 10))
-    for epoch in (2, 3):
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for epoch in (1, 2):
         a = _weights(tmp_path / "runs" / "fsdp" / f"epoch{epoch}.safetensors")
-        b = _weights(tmp_path / "runs" / "ddp" / f"epoch{epoch}.safetensors")
+        b = _weights(shared / "runs" / "two" / f"epoch{epoch}.safetensors")
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4, msg=key)

@@ -76,7 +76,8 @@ def test_training_lowers_the_loss_on_a_fixed_evaluation_set(tmp_path, tiny_sdxl_
         images_dir,
         # The tiny UNet's full-resolution level has no attention, so the convs are trained too (LoCon-style).
         lora={"rank": 8, "alpha": 8, "targets": CONV_AND_LINEAR},
-        train={"epochs": 50, "batch_size": 2, "learning_rate": 1e-2, "max_grad_norm": 1.0},
+        # 30 steps bring the loss to about 0.6x (0.67x after 20, 0.44x after 100): a clear margin under 0.9x.
+        train={"epochs": 15, "batch_size": 2, "learning_rate": 1e-2, "max_grad_norm": 1.0},
         optim={"name": "adamw"},
         export={"every_n_epochs": 1000},
     )
@@ -91,7 +92,7 @@ def test_training_lowers_the_loss_on_a_fixed_evaluation_set(tmp_path, tiny_sdxl_
     torch.manual_seed(0)
     untrained = _fixed_eval_loss(run, batch, noise, timesteps)
     result = run.train()
-    assert result.global_step == 100
+    assert result.global_step == 30
     trained = _fixed_eval_loss(run, batch, noise, timesteps)
     assert trained <= 0.9 * untrained, (untrained, trained)
 
