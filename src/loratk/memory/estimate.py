@@ -7,9 +7,8 @@ then run one training step on a fake batch, as `core/loop.py` does it (forward u
 clipping, step, `zero_grad`), with `MemoryTracker` counting the live bytes. A second batch size gives the cost
 per image, so the largest batch that fits a budget follows from the line.
 
-Not modelled: cuDNN / cuBLAS workspaces, attention kernels' scratch buffers, the CUDA context (about 0.3-0.5
-GiB), the caching allocator's rounding and fragmentation. `SAFETY_MARGIN` covers them; `with_margin` adds it
-to a prediction. Sampling and class images, which run between or before the steps, are `memory.render`'s.
+Not modelled: cuDNN / cuBLAS workspaces, attention kernels' buffers, the CUDA context, the caching allocator's
+rounding and fragmentation; `with_margin` adds `SAFETY_MARGIN_*` for them. Renders: `memory.render`.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loratk.memory.optimizer import mark_gradients, optimizer_params, warm_up_optimizer
 from loratk.memory.tracker import MemoryTracker, PeakBreakdown
 
 if TYPE_CHECKING:
@@ -74,6 +74,9 @@ class _FakeRun:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+_GAN = "the estimate covers lora, dreambooth and dreambooth-lora; a GAN baseline holds a few million weights"
+
+
 def _memory_view(recipe: Recipe) -> Recipe:
     """The recipe as the estimate builds it: what only CPU memory or speed depends on is left out (the
     extracted LoRA's CPU copy of the base weights; torch.compile; xformers, which needs a GPU)."""
@@ -100,12 +103,8 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda", real: bool = False) -
 
     recipe = _memory_view(recipe)
     method = method_of(recipe)
-    if method.build_adapter is None:
-        raise EstimateError(
-            f"method = {method.name!r} trains from scratch, without a base model: the estimate covers the "
-            "diffusion methods (lora, dreambooth, dreambooth-lora); the GAN baselines hold a few million "
-            "weights (benchmarks/gan_steps.py times them)"
-        )
+    if method.build_adapter is None:  # the GAN baselines
+        raise EstimateError(f"method = {method.name!r} trains from scratch, without a base model: {_GAN}")
     family = family_for_model(recipe.model.path, recipe.model.family)
     if recipe.optim.name == "adamw8bit":
         raise EstimateError(
@@ -176,35 +175,6 @@ def fake_run(recipe: Recipe, *, device_type: str = "cuda", real: bool = False) -
                 optimizer.remove_hooks()
 
 
-def _params(optimizer: Any) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-
-
-def _track_optimizer_state(run: _FakeRun) -> None:
-    inner = (
-        run.optimizer.inner_optimizers() if hasattr(run.optimizer, "inner_optimizers") else [run.optimizer]
-    )
-    for optimizer in inner:
-        for state in optimizer.state.values():
-            run.tracker.track([v for v in state.values() if isinstance(v, torch.Tensor)], "optimizer")
-
-
-def warm_up_optimizer(run: _FakeRun) -> None:
-    """Create the optimizer's state (as its first step does) from zero gradients, then free them: the
-    measured step is a later one, with the state already there."""
-    inner = (
-        run.optimizer.inner_optimizers() if hasattr(run.optimizer, "inner_optimizers") else [run.optimizer]
-    )
-    for optimizer in inner:
-        params = _params(optimizer)
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        for p in params:
-            p.grad = None
-    _track_optimizer_state(run)
-
-
 def build_fake_batch(run: _FakeRun, batch_size: int) -> dict[str, Any]:
     """A batch as the run's dataloader gives it: cached latents and text embeddings where the caches
     apply, pixels and captions where they do not (DreamBooth with prior preservation: instance + class)."""
@@ -258,8 +228,8 @@ def run_step(run: _FakeRun, batch_size: int, *, optimizer: bool = True) -> StepE
     fused = hasattr(run.optimizer, "step_gate")
     if fused:
         run.optimizer.step_gate = lambda: True  # the loop's finite-loss gate, read without a host sync
-    grads: list[torch.Tensor] = _params(run.optimizer)
-    handles = _mark_grads(grads, tracker)
+    grads: list[torch.Tensor] = optimizer_params(run.optimizer)
+    handles = mark_gradients(grads, tracker)
     batch = build_fake_batch(run, batch_size)
     tracker.reset_peak()
     try:
@@ -280,17 +250,6 @@ def run_step(run: _FakeRun, batch_size: int, *, optimizer: bool = True) -> StepE
         for h in handles:
             h.remove()
     return StepEstimate(batch_size, tracker.breakdown(), time.perf_counter() - start)
-
-
-def _mark_grads(params: list[torch.Tensor], tracker: MemoryTracker) -> list[Any]:
-    """Name each gradient as it arrives (a tensor hook runs before it is accumulated into `.grad`, and
-    before the fused optimizer's post-accumulate hook steps and frees it)."""
-
-    def mark(grad: torch.Tensor) -> torch.Tensor:
-        tracker.track([grad], "gradients")
-        return grad
-
-    return [param.register_hook(mark) for param in params]
 
 
 # ---------------------------------------------------------------- the plan
@@ -356,7 +315,7 @@ def estimate_memory(
     `evaluators`: each image-metric model beside the run's state, `memory.evaluators`. `parallel`: the second
     step and the samples in a forked process beside the rest, where it can (the same numbers, faster)."""
     from loratk.memory.evaluators import build_meta_evaluators, run_evaluator
-    from loratk.memory.forked import Forked, can_fork
+    from loratk.memory.forked import Forked, can_fork, decode_point, encode_point
     from loratk.memory.render import render_jobs, run_render
 
     start = time.perf_counter()
@@ -379,14 +338,14 @@ def estimate_memory(
             return step, [run_render(run, job) for job in jobs if job.what != "class images"]
 
         if parallel and can_fork():
-            child = Forked(second_point)
+            child = Forked(lambda: encode_point(*second_point()))
             try:
                 first = run_step(run, batch_sizes[0])
                 scored = [run_evaluator(run, e, recipe.eval.batch_size) for e in meta_evaluators]
             except BaseException:
                 child.kill()
                 raise
-            second, samples = child.result()
+            second, samples = decode_point(child.result())
         else:
             first = run_step(run, batch_sizes[0])
             second, samples = second_point()
