@@ -71,16 +71,15 @@ def build_eval_settings(recipe: Recipe, device: Any, weight_dtype: Any) -> Any:
     """Which evaluators score and how: on a GPU in the training's half precision, else in fp32."""
     import torch
 
+    from loratk.evaluation.evaluators import evaluator_dtype
     from loratk.evaluation.scoring import EvalSettings
 
-    on_gpu = str(device).startswith("cuda")
-    half = weight_dtype if on_gpu and weight_dtype in (torch.float16, torch.bfloat16) else None
     cfg = recipe.eval
     return EvalSettings(
         metrics=list(cfg.metrics),
         evaluators={kind: cfg.evaluator(kind) for kind in ("clip", "dino", "dinov2", "inception")},
         device=str(device),
-        dtype=half or (torch.float16 if on_gpu else torch.float32),
+        dtype=evaluator_dtype(torch.device(device).type, weight_dtype),
         batch_size=cfg.batch_size,
         cache_dir=Path(recipe.data.cache_dir) / "eval-features" if recipe.data.cache_dir else None,
     )
@@ -133,7 +132,7 @@ def build_image_eval(
     from loratk.evaluation.hook import ImageEvalHook
 
     cfg = recipe.eval
-    if cfg.every_n_epochs == 0 or not cfg.metrics:
+    if not cfg.scores_while_training:
         return None
     prompts, leak = build_eval_renderers(recipe, model, num_epochs, stop)
     if sampler is None and prompts is None:

@@ -34,6 +34,14 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _MODEL_TYPES = {"clip": ("clip",), "dino": ("vit", "dinov2"), "dinov2": ("vit", "dinov2")}
 
 
+def evaluator_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """What the evaluators run in: on a GPU the training's half precision (fp16 when it trains in fp32),
+    else fp32. (Inception always runs in fp32: `inception.load_inception`.)"""
+    if device_type != "cuda":
+        return torch.float32
+    return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
 class EvaluatorError(RuntimeError):
     """A feature model cannot be loaded or used; the message names it and says how to get it."""
 

@@ -4,7 +4,9 @@ read from a diffusers folder, or fetched alone from the hub; and the model built
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,28 @@ def materialise_fake(
                         tracker.track([fake], category)
                         done[id(tensor)] = fake
                     table[name] = done[id(tensor)]
+
+
+@contextlib.contextmanager
+def materialised(
+    modules: list[torch.nn.Module],
+    tracker: MemoryTracker,
+    *,
+    real: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Iterator[None]:
+    """`materialise_fake` for the duration, then the meta tensors back: what was on the card for a while
+    (the offloaded encoders while sampling, an evaluator) leaves it, and the tracker sees its storage freed."""
+    saved = [
+        (table, name, tensor)
+        for root in modules
+        for module in root.modules()
+        for table in (module._parameters, module._buffers)
+        for name, tensor in table.items()
+    ]
+    materialise_fake(modules, tracker, real=real, dtype=dtype)
+    try:
+        yield
+    finally:
+        for table, name, tensor in saved:
+            table[name] = tensor

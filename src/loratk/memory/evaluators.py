@@ -51,17 +51,10 @@ def evaluator_kinds(recipe: Recipe) -> list[str]:
 
     cfg = recipe.eval
     renders = recipe.sample.enabled or bool(cfg.prompts)
-    if cfg.every_n_epochs == 0 or not cfg.metrics or not renders:
+    if not cfg.scores_while_training or not renders:
         return []
     wanted = {IMAGE_METRICS[name] for name in cfg.metrics}
     return [kind for kind in EVALUATOR_KINDS if kind in wanted and cfg.evaluator(kind)]
-
-
-def evaluator_dtype(device_type: str, weight_dtype: torch.dtype, kind: str) -> torch.dtype:
-    """The dtype the evaluation hook loads an evaluator in (`components.evaluation.build_eval_settings`)."""
-    if kind == "inception" or device_type != "cuda":
-        return torch.float32
-    return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def evaluator_config(kind: str, name: str, cache_dir: Any = None) -> tuple[dict[str, Any], int]:
@@ -167,25 +160,21 @@ def build_meta_evaluators(recipe: Recipe) -> list[MetaEvaluator]:
 
 def run_evaluator(run: _FakeRun, evaluator: MetaEvaluator, batch_size: int) -> EvaluatorEstimate:
     """One evaluator's peak on top of what the run holds now: its weights and one batch through it."""
-    from loratk.memory.bases import materialise_fake
+    from loratk.memory.bases import materialised
 
     kind, model, side = evaluator.kind, evaluator.model, evaluator.side
-    dtype = evaluator_dtype(run.device_type, run.weight_dtype, kind)
+    from loratk.evaluation.evaluators import evaluator_dtype
+
+    dtype = torch.float32 if kind == "inception" else evaluator_dtype(run.device_type, run.weight_dtype)
     if model is None:
         return EvaluatorEstimate(kind, evaluator.name, batch_size, dtype, None, evaluator.note)
     start = time.perf_counter()
     tracker = run.tracker
     tracker.reset_peak()
     tracker.phase = "evaluation"
-    saved = [
-        (table, name, tensor)
-        for module in model.modules()
-        for table in (module._parameters, module._buffers)
-        for name, tensor in table.items()
-    ]
-    materialise_fake([model], tracker, real=run.extras.get("real", False), dtype=dtype)
-    tracker.name_modules({kind: model})
-    try:
+    real = run.extras.get("real", False)
+    with materialised([model], tracker, real=real, dtype=dtype):  # freed before the next one loads
+        tracker.name_modules({kind: model})
         with torch.no_grad():
             if kind == "inception":
                 out = model(torch.zeros(batch_size, 3, side, side, dtype=torch.uint8))
@@ -198,9 +187,6 @@ def run_evaluator(run: _FakeRun, evaluator: MetaEvaluator, batch_size: int) -> E
                 )
             del out
         peak = tracker.breakdown()
-    finally:  # the evaluator is freed before the next one loads
-        for table, name, tensor in saved:
-            table[name] = tensor
     return EvaluatorEstimate(
         kind, evaluator.name, batch_size, dtype, peak, seconds=time.perf_counter() - start
     )

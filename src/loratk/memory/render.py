@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,8 +86,7 @@ def _sample_sizes(recipe: Recipe) -> list[tuple[int, int, float]]:
             lines = load_sample_prompts(recipe)
         except Exception:  # noqa: BLE001 - a prompts file absent on this machine: the default size stands
             lines = [parse_prompt_line("a picture")]
-    image_eval = recipe.eval.every_n_epochs != 0 and bool(recipe.eval.metrics)
-    if image_eval:
+    if recipe.eval.scores_while_training:
         lines += [parse_prompt_line(line) for line in recipe.eval.prompts]
     return [
         (
@@ -100,26 +98,13 @@ def _sample_sizes(recipe: Recipe) -> list[tuple[int, int, float]]:
     ]
 
 
-@contextlib.contextmanager
-def parts_on_device(run: _FakeRun) -> Iterator[None]:
+def parts_on_device(run: _FakeRun) -> Any:
     """The parts offloaded after caching (VAE, text encoders) on the card for the duration, as the sampler
     brings them back; afterwards they are off it again (their fake storage is freed)."""
-    from loratk.memory.bases import materialise_fake
+    from loratk.memory.bases import materialised
 
     modules = [run.model.parts[name] for name in run.extras["offloaded"]]
-    saved = [
-        (table, name, tensor)
-        for root in modules
-        for module in root.modules()
-        for table in (module._parameters, module._buffers)
-        for name, tensor in table.items()
-    ]
-    materialise_fake(modules, run.tracker, real=run.extras.get("real", False))
-    try:
-        yield
-    finally:
-        for table, name, tensor in saved:
-            table[name] = tensor
+    return materialised(modules, run.tracker, real=run.extras.get("real", False))
 
 
 def run_render(run: _FakeRun, job: RenderJob) -> RenderEstimate:

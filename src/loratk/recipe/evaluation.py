@@ -69,6 +69,11 @@ class EvalConfig(Section):
     )
 
     @property
+    def scores_while_training(self) -> bool:
+        """True when image metrics are computed during training (some epochs, some metrics)."""
+        return self.every_n_epochs != 0 and bool(self.metrics)
+
+    @property
     def validates(self) -> bool:
         """True when there are held-out images for the validation loss."""
         return self.holdout > 0 or self.folder is not None
